@@ -1,0 +1,195 @@
+"""Load the four Stable Diffusion components, one by one, from a hub id, a folder, a single file or `tiny`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from .errors import ModelLoadError
+from .tiny import build_components
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Model:
+    """The loaded components of one Stable Diffusion model, on one device."""
+
+    name: str
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    scheduler_config: dict[str, Any]
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def latent_factor(self) -> int:
+        """How many pixels one latent cell covers along each side (8 for SD 1.5)."""
+        return int(2 ** (len(self.vae.config.block_out_channels) - 1))
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.unet.config.in_channels)
+
+    @property
+    def native_size(self) -> int:
+        """The image side the UNet was built for (512 for SD 1.5)."""
+        return int(self.unet.config.sample_size) * self.latent_factor
+
+
+def pick_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """`auto` takes CUDA with fp16, then MPS with fp16, then CPU with fp32."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            device = "cuda"
+        elif torch.backends.mps.is_available():
+            device = "mps"
+        else:
+            device = "cpu"
+    try:
+        torch_device = torch.device(device)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"Unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps.") from exc
+    if torch_device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("CUDA is not available on this machine: set the device to auto or cpu.")
+    if dtype == "auto":
+        dtype = "fp32" if torch_device.type == "cpu" else "fp16"
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"Unknown dtype {dtype!r}: use auto, fp32, fp16 or bf16.")
+    return torch_device, DTYPES[dtype]
+
+
+def load_model(source: str = DEFAULT_MODEL, *, device: str = "auto", dtype: str = "auto") -> Model:
+    """Load a model from `tiny`, a local diffusers folder, a single .safetensors file, or a hub id."""
+    torch_device, torch_dtype = pick_device(device, dtype)
+    path = Path(source).expanduser()
+    if source == "tiny":
+        parts = build_components("tiny")
+    elif path.is_dir():
+        parts = _load_folder(path, torch_dtype)
+    elif path.suffix in (".safetensors", ".ckpt"):
+        parts = _load_single_file(path, torch_dtype)
+    elif path.exists() or source.startswith((".", "/", "~")) or "\\" in source or source.count("/") != 1:
+        raise ModelLoadError(
+            f"No model at {source!r}: give a diffusers folder, a .safetensors file, a hub id like "
+            f"{DEFAULT_MODEL!r}, or `tiny`."
+        )
+    else:
+        parts = _load_hub(source, torch_dtype)
+    model = Model(name=source, device=torch_device, dtype=torch_dtype, **parts)
+    for module in (model.text_encoder, model.unet, model.vae):
+        if module.dtype != torch_dtype:
+            module.to(dtype=torch_dtype)
+        module.to(torch_device).eval().requires_grad_(False)
+    log.info("loaded model %r on %s (%s)", source, torch_device, torch_dtype)
+    return model
+
+
+def _from_pretrained(root: str | Path, torch_dtype: torch.dtype, **kwargs: Any) -> dict[str, Any]:
+    return {
+        "tokenizer": CLIPTokenizer.from_pretrained(root, subfolder="tokenizer", **kwargs),
+        "text_encoder": CLIPTextModel.from_pretrained(
+            root, subfolder="text_encoder", dtype=torch_dtype, **kwargs
+        ),
+        "unet": UNet2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=torch_dtype, **kwargs),
+        "vae": AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=torch_dtype, **kwargs),
+    }
+
+
+def _load_folder(path: Path, torch_dtype: torch.dtype) -> dict[str, Any]:
+    missing = [
+        sub for sub in ("tokenizer", "text_encoder", "unet", "vae", "scheduler") if not (path / sub).is_dir()
+    ]
+    if missing:
+        raise ModelLoadError(
+            f"{str(path)!r} is not a diffusers model folder (missing {', '.join(missing)}): "
+            "point the model at a folder saved with save_pretrained, a .safetensors file, or `tiny`."
+        )
+    try:
+        parts = _from_pretrained(path, torch_dtype)
+        parts["scheduler_config"] = _read_scheduler_config(path / "scheduler" / "scheduler_config.json")
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"The model folder {str(path)!r} is damaged ({_first_line(exc)}).") from exc
+    return parts
+
+
+def _load_hub(repo_id: str, torch_dtype: torch.dtype) -> dict[str, Any]:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        parts = _from_pretrained(repo_id, torch_dtype)
+        config_file = hf_hub_download(repo_id, "scheduler/scheduler_config.json")
+        parts["scheduler_config"] = _read_scheduler_config(Path(config_file))
+    except Exception as exc:  # huggingface_hub raises many types: offline, 404, gated, bad files
+        raise ModelLoadError(
+            f"Could not load {repo_id!r} from the Hugging Face hub ({_first_line(exc)}): check the network "
+            "and the id, or point the model at a local folder or .safetensors file, or use `tiny`."
+        ) from exc
+    return parts
+
+
+def _load_single_file(path: Path, torch_dtype: torch.dtype) -> dict[str, Any]:
+    if not path.is_file():
+        raise ModelLoadError(f"No checkpoint file at {str(path)!r}: check the path.")
+    from diffusers import StableDiffusionPipeline
+
+    try:
+        # transformers has no single-file loader for CLIP, so let diffusers split the checkpoint once,
+        # then keep only the components and drop the pipeline object.
+        pipe = StableDiffusionPipeline.from_single_file(str(path), torch_dtype=torch_dtype)
+    except Exception as exc:  # a bad header, wrong keys, or a config that needs the network
+        raise ModelLoadError(
+            f"Could not load the checkpoint {str(path)!r} ({_first_line(exc)}): it must be a Stable "
+            "Diffusion 1.x .safetensors file, and the first load needs the network for its configs."
+        ) from exc
+    return {
+        "tokenizer": pipe.tokenizer,
+        "text_encoder": pipe.text_encoder,
+        "unet": pipe.unet,
+        "vae": pipe.vae,
+        "scheduler_config": dict(pipe.scheduler.config),
+    }
+
+
+def _read_scheduler_config(file: Path) -> dict[str, Any]:
+    config: dict[str, Any] = json.loads(file.read_text())
+    return config
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]
+
+
+def save_model(model: Model, folder: str | Path) -> Path:
+    """Write the model as a diffusers folder that both `load_model` and diffusers' pipelines can read."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=model.vae,
+        text_encoder=model.text_encoder,
+        tokenizer=model.tokenizer,
+        unet=model.unet,
+        scheduler=PNDMScheduler.from_config(model.scheduler_config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder)
+    return Path(folder)

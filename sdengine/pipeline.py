@@ -1,0 +1,314 @@
+"""The hand-written Stable Diffusion loop: encode prompt -> latents -> guided UNet loop -> VAE decode.
+
+`generate()` reads top to bottom like diffusers' `StableDiffusionPipeline.__call__`. Its pieces are public
+so that the executor can run the UNet loop of many requests in one batch: every image in flight is a
+`Sample` with its own scheduler and generator, and `denoise_step` advances any set of samples by one step.
+"""
+
+from __future__ import annotations
+
+import inspect
+import secrets
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+
+from .errors import Cancelled, InvalidRequest
+from .images import decode_image, fit_image, format_parameters, latents_preview, png_bytes
+from .models import Model
+from .prompts import encode_prompts
+from .request import MAX_SEED, SCHEDULERS, CancelToken, GenerationRequest, GenerationResult, Progress, ProgressCallback
+from .schedulers import SAMPLER_NAMES, make_scheduler
+
+MAX_PROMPT_CHARS = 2000
+MAX_SIDE = 2048
+MAX_STEPS = 150
+MAX_GUIDANCE = 30.0
+MAX_COUNT = 4
+
+
+def check_inputs(model: Model, request: GenerationRequest) -> None:
+    """Reject a request that cannot run, with one sentence that says what to change."""
+    if not request.prompt.strip():
+        raise InvalidRequest("The prompt is empty: describe the picture you want.")
+    for name, text in (("prompt", request.prompt), ("negative prompt", request.negative)):
+        if len(text) > MAX_PROMPT_CHARS:
+            raise InvalidRequest(f"The {name} has {len(text)} characters: keep it under {MAX_PROMPT_CHARS}.")
+        if "\x00" in text:
+            raise InvalidRequest(f"The {name} contains a NUL character: remove it.")
+    if request.scheduler not in SCHEDULERS:
+        raise InvalidRequest(f"Unknown scheduler {request.scheduler!r}: use one of {', '.join(SCHEDULERS)}.")
+    if not 1 <= request.steps <= MAX_STEPS:
+        raise InvalidRequest(f"Steps must be between 1 and {MAX_STEPS}, not {request.steps}.")
+    if not 0 <= request.guidance <= MAX_GUIDANCE:  # also rejects NaN
+        raise InvalidRequest(f"Guidance must be between 0 and {MAX_GUIDANCE:g}, not {request.guidance}.")
+    if not 1 <= request.count <= MAX_COUNT:
+        raise InvalidRequest(f"Count must be between 1 and {MAX_COUNT}, not {request.count}.")
+    if request.seed is not None and not 0 <= request.seed <= MAX_SEED:
+        raise InvalidRequest(f"The seed must be between 0 and {MAX_SEED}, not {request.seed}.")
+    if request.image is not None and not 0 < request.strength <= 1:
+        raise InvalidRequest(f"Strength must be above 0 and at most 1, not {request.strength}.")
+    factor, low = model.latent_factor, 8 * model.latent_factor
+    for name, side in (("width", request.width), ("height", request.height)):
+        if side is None:
+            continue
+        if not low <= side <= MAX_SIDE:
+            raise InvalidRequest(f"The {name} must be between {low} and {MAX_SIDE} pixels, not {side}.")
+        if side % factor:
+            raise InvalidRequest(f"The {name} must be a multiple of {factor} for this model, not {side}.")
+
+
+@dataclass
+class Sample:
+    """One image in flight through the UNet loop, with its own scheduler and random generator."""
+
+    seed: int
+    generator: torch.Generator
+    scheduler: SchedulerMixin
+    timesteps: torch.Tensor  # the timesteps this image runs, in order
+    latents: torch.Tensor  # (1, C, H/f, W/f)
+    embeds: torch.Tensor  # (2, T, D) as [negative, positive]; (1, T, D) positive only without guidance
+    guidance: float
+    step: int = 0
+
+    @property
+    def total(self) -> int:
+        return len(self.timesteps)
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.total
+
+
+@dataclass
+class Plan:
+    """A request made ready to run: sizes resolved, prompts encoded, one `Sample` per image."""
+
+    request: GenerationRequest  # with seed, width and height filled in
+    samples: list[Sample]
+    notices: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def prepare(model: Model, request: GenerationRequest) -> Plan:
+    """Steps 1-5 of generation: validate, decode the init image, encode prompts, draw the latents."""
+    started = time.perf_counter()
+    # 1. Check inputs
+    check_inputs(model, request)
+    init_image = decode_image(request.image) if request.image is not None else None
+    width, height = _resolve_size(model, request, init_image)
+    seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
+    request = replace(request, seed=seed, width=width, height=height)
+
+    # 2. Encode the prompts: (2, T, D) as [negative, positive]
+    with torch.inference_mode():
+        embeds, notices = encode_prompts(model, request.prompt, request.negative)
+        if request.guidance <= 1:  # diffusers skips the unconditional pass at guidance <= 1
+            embeds = embeds[1:]
+
+        # 3. Encode the init image: (1, 3, H, W) in [-1, 1] -> latent distribution
+        posterior = None
+        if init_image is not None:
+            pixels = _to_tensor(fit_image(init_image, width, height), model)
+            posterior = model.vae.encode(pixels).latent_dist
+
+        # 4. One scheduler, generator and latent tensor per image; image i uses seed + i
+        samples = []
+        for i in range(request.count):
+            generator = torch.Generator("cpu").manual_seed(seed + i)
+            scheduler = make_scheduler(request.scheduler, model.scheduler_config)
+            scheduler.set_timesteps(request.steps, device=model.device)
+            if posterior is None:
+                timesteps = scheduler.timesteps
+                latents = _initial_noise(model, scheduler, generator, width, height)
+            else:
+                timesteps = _img2img_timesteps(scheduler, request.steps, request.strength)
+                latents = _noised_image_latents(model, scheduler, generator, posterior, timesteps[:1])
+            samples.append(Sample(seed + i, generator, scheduler, timesteps, latents, embeds, request.guidance))
+    return Plan(request, samples, notices, {"prepare": time.perf_counter() - started})
+
+
+def _resolve_size(model: Model, request: GenerationRequest, image: Image.Image | None) -> tuple[int, int]:
+    """Missing sides come from the model's native size, keeping the init image's aspect ratio."""
+    native = model.native_size
+    if image is None or (request.width and request.height):
+        return request.width or native, request.height or native
+    step = 8 * model.latent_factor
+    aspect = image.width / image.height
+    width = request.width or max(step, round(native * aspect**0.5 / step) * step)
+    height = request.height or max(step, round(native / aspect**0.5 / step) * step)
+    if request.width and not request.height:
+        height = max(step, round(width / aspect / step) * step)
+    elif request.height and not request.width:
+        width = max(step, round(height * aspect / step) * step)
+    return min(width, MAX_SIDE), min(height, MAX_SIDE)
+
+
+def _to_tensor(image: Image.Image, model: Model) -> torch.Tensor:
+    """PIL RGB -> (1, 3, H, W) in [-1, 1], as diffusers' VaeImageProcessor does it."""
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    tensor = torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0)
+    return (tensor * 2 - 1).to(device=model.device, dtype=model.dtype)
+
+
+def _initial_noise(
+    model: Model, scheduler: SchedulerMixin, generator: torch.Generator, width: int, height: int
+) -> torch.Tensor:
+    f = model.latent_factor
+    shape = (1, model.latent_channels, height // f, width // f)  # (1, C, H/f, W/f)
+    # Drawn on the CPU generator and then moved, so a seed gives the same picture on every device.
+    noise = randn_tensor(shape, generator=generator, device=model.device, dtype=model.dtype)
+    return noise * scheduler.init_noise_sigma
+
+
+def _img2img_timesteps(scheduler: SchedulerMixin, steps: int, strength: float) -> torch.Tensor:
+    """Skip the first (1 - strength) of the schedule: the image already stands in for those steps."""
+    t_start = max(steps - min(int(steps * strength), steps), 0)
+    timesteps: torch.Tensor = scheduler.timesteps[t_start * scheduler.order :]
+    if len(timesteps) == 0:
+        raise InvalidRequest(f"Strength {strength:g} leaves no steps out of {steps}: raise the strength or the steps.")
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(t_start * scheduler.order)
+    return timesteps
+
+
+def _noised_image_latents(
+    model: Model, scheduler: SchedulerMixin, generator: torch.Generator, posterior: Any, t: torch.Tensor
+) -> torch.Tensor:
+    # Same draw order as diffusers: first the VAE posterior sample, then the noise.
+    latents = posterior.sample(generator) * model.scaling_factor  # (1, C, H/f, W/f)
+    noise = randn_tensor(latents.shape, generator=generator, device=model.device, dtype=model.dtype)
+    noised: torch.Tensor = scheduler.add_noise(latents, noise, t)  # q(x_t | x_0), DDPM eq. 4
+    return noised
+
+
+_STEP_KWARGS: dict[type, set[str]] = {}
+
+
+def _step_kwargs(sample: Sample) -> dict[str, Any]:
+    """`eta` and `generator` for the schedulers whose `step` takes them (DDIM, Euler a)."""
+    cls = type(sample.scheduler)
+    if cls not in _STEP_KWARGS:
+        _STEP_KWARGS[cls] = set(inspect.signature(cls.step).parameters)
+    accepted = _STEP_KWARGS[cls]
+    kwargs: dict[str, Any] = {}
+    if "eta" in accepted:
+        kwargs["eta"] = 0.0
+    if "generator" in accepted:
+        kwargs["generator"] = sample.generator
+    return kwargs
+
+
+@torch.inference_mode()
+def denoise_step(model: Model, samples: list[Sample]) -> None:
+    """Advance every sample by one step. Samples that share latent and prompt shapes share one UNet call,
+    each at its own timestep, with guidance and the scheduler step applied to its own slice."""
+    groups: dict[tuple[int, ...], list[Sample]] = {}
+    for sample in samples:
+        groups.setdefault((*sample.latents.shape, sample.embeds.shape[1]), []).append(sample)
+    for group in groups.values():
+        inputs, times, embeds = [], [], []
+        for s in group:
+            t = s.timesteps[s.step]
+            rows = s.embeds.shape[0]  # 2 with guidance: [negative, positive]
+            inputs.append(s.scheduler.scale_model_input(torch.cat([s.latents] * rows), t))
+            times.append(t.float().expand(rows))
+            embeds.append(s.embeds)
+        # (R, C, h, w), (R,), (R, T, D) -> (R, C, h, w), where R counts 1-2 rows per sample
+        noise_pred = model.unet(
+            torch.cat(inputs), torch.cat(times).to(model.device), encoder_hidden_states=torch.cat(embeds)
+        ).sample
+        row = 0
+        for s in group:
+            rows = s.embeds.shape[0]
+            pred = noise_pred[row : row + rows]
+            row += rows
+            if rows == 2:  # classifier-free guidance: uncond + g * (cond - uncond)
+                uncond, cond = pred.chunk(2)
+                pred = uncond + s.guidance * (cond - uncond)
+            t = s.timesteps[s.step]
+            s.latents = s.scheduler.step(pred, t, s.latents, **_step_kwargs(s), return_dict=False)[0]
+            s.step += 1
+
+
+@torch.inference_mode()
+def decode(model: Model, samples: list[Sample]) -> list[Image.Image]:
+    """VAE-decode finished samples (of one latent size) in one call."""
+    latents = torch.cat([s.latents for s in samples]) / model.scaling_factor  # (N, C, h, w)
+    pixels = model.vae.decode(latents).sample  # (N, 3, H, W) in [-1, 1]
+    pixels = (pixels / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
+    return [Image.fromarray((p * 255).round().astype(np.uint8)) for p in pixels]
+
+
+def preview(sample: Sample) -> Image.Image:
+    return latents_preview(sample.latents[0])
+
+
+def finish(model: Model, plan: Plan, images: list[Image.Image]) -> GenerationResult:
+    """Wrap decoded images as PNGs that carry their parameters."""
+    request = plan.request
+    assert request.width is not None and request.height is not None
+    pngs = []
+    for sample, image in zip(plan.samples, images, strict=True):
+        parameters = format_parameters(
+            prompt=request.prompt,
+            negative=request.negative,
+            steps=request.steps,
+            sampler=SAMPLER_NAMES[request.scheduler],
+            guidance=request.guidance,
+            seed=sample.seed,
+            width=request.width,
+            height=request.height,
+            model=model.name,
+            strength=request.strength if request.image is not None else None,
+        )
+        pngs.append(png_bytes(image, parameters))
+    return GenerationResult(
+        images=images,
+        pngs=pngs,
+        seeds=[s.seed for s in plan.samples],
+        width=request.width,
+        height=request.height,
+        model=model.name,
+        scheduler=request.scheduler,
+        timings=dict(plan.timings),
+        notices=list(plan.notices),
+    )
+
+
+def generate(
+    model: Model,
+    request: GenerationRequest,
+    *,
+    progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
+    preview_every: int = 5,
+) -> GenerationResult:
+    """Run one request from prompt to PNGs, all of its images in one batch."""
+    # 1-5. Validate, encode the prompts and the init image, draw the latents
+    plan = prepare(model, request)
+    samples = plan.samples
+
+    # 6. Denoising loop
+    started = time.perf_counter()
+    total = samples[0].total
+    for step in range(1, total + 1):
+        if cancel is not None and cancel.cancelled:
+            raise Cancelled("The request was cancelled.")
+        denoise_step(model, samples)
+        if progress is not None:
+            show = step % preview_every == 0 or step == total
+            progress(Progress(step, total, preview(samples[0]) if show else None))
+    plan.timings["denoise"] = time.perf_counter() - started
+
+    # 7. Decode the latents with the VAE
+    started = time.perf_counter()
+    images = decode(model, samples)
+    plan.timings["decode"] = time.perf_counter() - started
+    return finish(model, plan, images)
