@@ -1,8 +1,8 @@
 """sdengine: a hand-written Stable Diffusion loop over diffusers and transformers components.
 
-    model = sdengine.load_model("tiny")
-    result = sdengine.generate(model, sdengine.GenerationRequest("a spaceship", seed=1))
-    open("out.png", "wb").write(result.pngs[0])
+model = sdengine.load_model("tiny")
+result = sdengine.generate(model, sdengine.GenerationRequest("a spaceship", seed=1))
+open("out.png", "wb").write(result.pngs[0])
 """
 
 from .errors import Cancelled, InvalidRequest, ModelLoadError, OutOfMemory, SDEngineError

@@ -1,10 +1,10 @@
 """The engine's exception tree. Every message is one sentence a user can act on.
 
-    SDEngineError
-    ├── InvalidRequest     bad prompt, parameter or image: the user must change the request
-    ├── ModelLoadError     the model source is unreachable, missing or malformed
-    ├── Cancelled          the request was cancelled between steps
-    └── OutOfMemory        the device ran out of memory for this request
+SDEngineError
+├── InvalidRequest     bad prompt, parameter or image: the user must change the request
+├── ModelLoadError     the model source is unreachable, missing or malformed
+├── Cancelled          the request was cancelled between steps
+└── OutOfMemory        the device ran out of memory for this request
 """
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 
@@ -31,7 +32,7 @@ def decode_image(data: bytes, *, max_bytes: int = MAX_BYTES, max_pixels: int = M
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            image = Image.open(io.BytesIO(data), formats=FORMATS)
+            image: Image.Image = Image.open(io.BytesIO(data), formats=FORMATS)
             width, height = image.size
             if width * height > max_pixels:
                 raise InvalidRequest(
@@ -52,10 +53,8 @@ def decode_image(data: bytes, *, max_bytes: int = MAX_BYTES, max_pixels: int = M
             f"The image is {width}x{height}: attach one at least {MIN_SIDE} pixels on each side and at most "
             f"{MAX_ASPECT:g} times wider than tall."
         )
-    try:
+    with contextlib.suppress(Exception):  # broken EXIF must not lose the picture: keep it as stored
         image = ImageOps.exif_transpose(image)
-    except Exception:  # broken EXIF must not lose the picture; orientation then stays as stored
-        pass
     return to_rgb(image)
 
 

@@ -104,18 +104,14 @@ def load_model(source: str = DEFAULT_MODEL, *, device: str = "auto", dtype: str 
 def _from_pretrained(root: str | Path, torch_dtype: torch.dtype, **kwargs: Any) -> dict[str, Any]:
     return {
         "tokenizer": CLIPTokenizer.from_pretrained(root, subfolder="tokenizer", **kwargs),
-        "text_encoder": CLIPTextModel.from_pretrained(
-            root, subfolder="text_encoder", dtype=torch_dtype, **kwargs
-        ),
+        "text_encoder": CLIPTextModel.from_pretrained(root, subfolder="text_encoder", dtype=torch_dtype, **kwargs),
         "unet": UNet2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=torch_dtype, **kwargs),
         "vae": AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=torch_dtype, **kwargs),
     }
 
 
 def _load_folder(path: Path, torch_dtype: torch.dtype) -> dict[str, Any]:
-    missing = [
-        sub for sub in ("tokenizer", "text_encoder", "unet", "vae", "scheduler") if not (path / sub).is_dir()
-    ]
+    missing = [sub for sub in ("tokenizer", "text_encoder", "unet", "vae", "scheduler") if not (path / sub).is_dir()]
     if missing:
         raise ModelLoadError(
             f"{str(path)!r} is not a diffusers model folder (missing {', '.join(missing)}): "

@@ -23,7 +23,15 @@ from .errors import Cancelled, InvalidRequest
 from .images import decode_image, fit_image, format_parameters, latents_preview, png_bytes
 from .models import Model
 from .prompts import encode_prompts
-from .request import MAX_SEED, SCHEDULERS, CancelToken, GenerationRequest, GenerationResult, Progress, ProgressCallback
+from .request import (
+    MAX_SEED,
+    SCHEDULERS,
+    CancelToken,
+    GenerationRequest,
+    GenerationResult,
+    Progress,
+    ProgressCallback,
+)
 from .schedulers import SAMPLER_NAMES, make_scheduler
 
 MAX_PROMPT_CHARS = 2000
@@ -163,7 +171,7 @@ def _initial_noise(
     f = model.latent_factor
     shape = (1, model.latent_channels, height // f, width // f)  # (1, C, H/f, W/f)
     # Drawn on the CPU generator and then moved, so a seed gives the same picture on every device.
-    noise = randn_tensor(shape, generator=generator, device=model.device, dtype=model.dtype)
+    noise: torch.Tensor = randn_tensor(shape, generator=generator, device=model.device, dtype=model.dtype)
     return noise * scheduler.init_noise_sigma
 
 
@@ -206,35 +214,52 @@ def _step_kwargs(sample: Sample) -> dict[str, Any]:
 
 
 @torch.inference_mode()
-def denoise_step(model: Model, samples: list[Sample]) -> None:
-    """Advance every sample by one step. Samples that share latent and prompt shapes share one UNet call,
-    each at its own timestep, with guidance and the scheduler step applied to its own slice."""
-    groups: dict[tuple[int, ...], list[Sample]] = {}
-    for sample in samples:
-        groups.setdefault((*sample.latents.shape, sample.embeds.shape[1]), []).append(sample)
-    for group in groups.values():
-        inputs, times, embeds = [], [], []
+def predict_noise(model: Model, samples: list[Sample]) -> list[torch.Tensor]:
+    """The guided noise prediction of every sample at its own current timestep. Changes no state.
+
+    Samples that share latent and prompt shapes share one UNet call; the rest get one call per shape.
+    """
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, sample in enumerate(samples):
+        groups.setdefault((*sample.latents.shape, sample.embeds.shape[1]), []).append(i)
+    predictions: list[torch.Tensor] = [torch.empty(0)] * len(samples)
+    for indices in groups.values():
+        group = [samples[i] for i in indices]
+        inputs, times = [], []
         for s in group:
             t = s.timesteps[s.step]
             rows = s.embeds.shape[0]  # 2 with guidance: [negative, positive]
             inputs.append(s.scheduler.scale_model_input(torch.cat([s.latents] * rows), t))
             times.append(t.float().expand(rows))
-            embeds.append(s.embeds)
-        # (R, C, h, w), (R,), (R, T, D) -> (R, C, h, w), where R counts 1-2 rows per sample
-        noise_pred = model.unet(
-            torch.cat(inputs), torch.cat(times).to(model.device), encoder_hidden_states=torch.cat(embeds)
+        # (R, C, h, w), (R,), (R, T, D) -> (R, C, h, w), where each sample owns 1 or 2 rows
+        noise = model.unet(
+            torch.cat(inputs),
+            torch.cat(times).to(model.device),
+            encoder_hidden_states=torch.cat([s.embeds for s in group]),
         ).sample
         row = 0
-        for s in group:
-            rows = s.embeds.shape[0]
-            pred = noise_pred[row : row + rows]
-            row += rows
-            if rows == 2:  # classifier-free guidance: uncond + g * (cond - uncond)
+        for i, s in zip(indices, group, strict=True):
+            pred = noise[row : row + s.embeds.shape[0]]
+            row += s.embeds.shape[0]
+            if s.embeds.shape[0] == 2:  # classifier-free guidance: uncond + g * (cond - uncond)
                 uncond, cond = pred.chunk(2)
                 pred = uncond + s.guidance * (cond - uncond)
-            t = s.timesteps[s.step]
-            s.latents = s.scheduler.step(pred, t, s.latents, **_step_kwargs(s), return_dict=False)[0]
-            s.step += 1
+            predictions[i] = pred
+    return predictions
+
+
+@torch.inference_mode()
+def advance(sample: Sample, noise_pred: torch.Tensor) -> None:
+    """Let the sample's own scheduler take its step from the predicted noise."""
+    t = sample.timesteps[sample.step]
+    sample.latents = sample.scheduler.step(noise_pred, t, sample.latents, **_step_kwargs(sample), return_dict=False)[0]
+    sample.step += 1
+
+
+def denoise_step(model: Model, samples: list[Sample]) -> None:
+    """Advance every sample by one step."""
+    for sample, noise_pred in zip(samples, predict_noise(model, samples), strict=True):
+        advance(sample, noise_pred)
 
 
 @torch.inference_mode()

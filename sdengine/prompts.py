@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 
 import torch
-from compel import Compel
 
 from .errors import InvalidRequest
 from .models import Model
@@ -25,6 +24,8 @@ def encode_prompts(model: Model, prompt: str, negative: str) -> tuple[torch.Tens
     the text encoder's window and a multiple of it for longer ones (encoded in chunks, as A1111 does),
     and notices for the user.
     """
+    from compel import Compel  # imported late: it pulls in many diffusers pipelines
+
     compel = Compel(
         tokenizer=model.tokenizer,
         text_encoder=model.text_encoder,

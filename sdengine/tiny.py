@@ -30,7 +30,11 @@ SD15_SCHEDULER_CONFIG: dict[str, Any] = {
 def byte_level_tokenizer(max_length: int = 77) -> CLIPTokenizer:
     """A CLIP tokenizer with a byte-level vocabulary and no merges: every character is a token."""
     # The printable bytes map to themselves and the rest to code points from 256 up, as in GPT-2/CLIP BPE.
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     others = [b for b in range(256) if b not in printable]
     chars = [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
     vocab = {c: i for i, c in enumerate(chars)}

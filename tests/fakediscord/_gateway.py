@@ -21,8 +21,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DISPATCH, HEARTBEAT, IDENTIFY, PRESENCE, RESUME, RECONNECT, REQUEST_MEMBERS, INVALID_SESSION = 0, 1, 2, 3, 6, 7, 8, 9
-HELLO, HEARTBEAT_ACK = 10, 11
+# Gateway opcodes.
+DISPATCH, HEARTBEAT, IDENTIFY, PRESENCE, RESUME, RECONNECT = 0, 1, 2, 3, 6, 7
+REQUEST_MEMBERS, INVALID_SESSION, HELLO, HEARTBEAT_ACK = 8, 9, 10, 11
 
 
 class Gateway:
@@ -41,7 +42,8 @@ class Gateway:
         self.resume_count = 0
         self.heartbeat_count = 0
         self._ws: web.WebSocketResponse | None = None
-        self._sockets: set[web.WebSocketResponse] = set()
+        # Open sockets -> their TCP transport (to simulate an abrupt network drop).
+        self._sockets: dict[web.WebSocketResponse, asyncio.BaseTransport | None] = {}
         self._lock = asyncio.Lock()  # keeps seq order == wire order
 
     @property
@@ -52,21 +54,22 @@ class Gateway:
         ws = web.WebSocketResponse(max_msg_size=0)
         await ws.prepare(request)
         self.connections += 1
-        self._sockets.add(ws)
+        self._sockets[ws] = request.transport
         try:
             await ws.send_json({"op": HELLO, "d": {"heartbeat_interval": self.heartbeat_interval}})
             async for msg in ws:
                 if msg.type is WSMsgType.TEXT:
                     await self._on_frame(ws, json.loads(msg.data))
         finally:
-            self._sockets.discard(ws)
+            self._sockets.pop(ws, None)
             if self._ws is ws:
                 self._ws = None
             self.fake._changed()
         return ws
 
     async def _on_frame(self, ws: web.WebSocketResponse, frame: JSON) -> None:
-        op, d = frame.get("op"), frame.get("d")
+        op = frame.get("op")
+        d: Any = frame.get("d")
         if op == HEARTBEAT:
             self.heartbeat_count += 1
             await ws.send_json({"op": HEARTBEAT_ACK})
@@ -133,12 +136,11 @@ class Gateway:
         self._ws = None
         if ws is None:
             return
-        if code is None:
-            transport = ws._req.transport if ws._req is not None else None
-            if transport is not None:
-                transport.abort()
+        transport = self._sockets.get(ws)
+        if code is None and isinstance(transport, asyncio.WriteTransport):
+            transport.abort()
         else:
-            await ws.close(code=code)
+            await ws.close(code=4000 if code is None else code)
 
     async def send_op(self, op: int, d: Any = None) -> None:
         """Send a raw non-dispatch opcode (RECONNECT, INVALID_SESSION...) on the current socket."""

@@ -10,6 +10,7 @@ import datetime as dt
 import itertools
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -433,9 +434,7 @@ class FakeInteraction:
         return cb
 
     async def wait_message(
-        self,
-        predicate: Any = None,
-        timeout: float = 5.0,
+        self, predicate: Callable[[FakeMessage], object] | None = None, timeout: float = 5.0
     ) -> FakeMessage:
         """Wait until @original or a followup satisfies ``predicate(message)``.
 
