@@ -172,7 +172,7 @@ def _initial_noise(
     shape = (1, model.latent_channels, height // f, width // f)  # (1, C, H/f, W/f)
     # Drawn on the CPU generator and then moved, so a seed gives the same picture on every device.
     noise: torch.Tensor = randn_tensor(shape, generator=generator, device=model.device, dtype=model.dtype)
-    return noise * scheduler.init_noise_sigma
+    return noise.mul(scheduler.init_noise_sigma)
 
 
 def _img2img_timesteps(scheduler: SchedulerMixin, steps: int, strength: float) -> torch.Tensor:
