@@ -62,15 +62,26 @@ def test_text_to_image_matches_diffusers(folder: Path, scheduler: str) -> None:
     step = 8 * model.latent_factor
     width, height = 5 * step, 4 * step  # not square, so width and height cannot be swapped unnoticed
     request = GenerationRequest(
-        PROMPT, negative="blurry", scheduler=scheduler, steps=STEPS, guidance=7.5, seed=1234,
-        width=width, height=height,
+        PROMPT,
+        negative="blurry",
+        scheduler=scheduler,
+        steps=STEPS,
+        guidance=7.5,
+        seed=1234,
+        width=width,
+        height=height,
     )
     ours = generate(model, request).images[0]
 
     pipe = StableDiffusionPipeline(**_pipeline_kwargs(folder, scheduler))
     theirs = pipe(
-        PROMPT, negative_prompt="blurry", num_inference_steps=STEPS, guidance_scale=7.5,
-        width=width, height=height, generator=torch.Generator("cpu").manual_seed(1234),
+        PROMPT,
+        negative_prompt="blurry",
+        num_inference_steps=STEPS,
+        guidance_scale=7.5,
+        width=width,
+        height=height,
+        generator=torch.Generator("cpu").manual_seed(1234),
     ).images[0]
     assert _max_diff(ours, theirs) <= 1
 
@@ -82,16 +93,29 @@ def test_image_to_image_matches_diffusers(folder: Path, scheduler: str) -> None:
     width, height = 4 * step, 5 * step
     init = _reference_image(3 * width // 2, height)  # wider than the target: exercises the fit
     request = GenerationRequest(
-        PROMPT, negative="blurry", scheduler=scheduler, steps=STEPS + 3, guidance=6.0, seed=99,
-        width=width, height=height, image=init, strength=0.6,
+        PROMPT,
+        negative="blurry",
+        scheduler=scheduler,
+        steps=STEPS + 3,
+        guidance=6.0,
+        seed=99,
+        width=width,
+        height=height,
+        image=init,
+        strength=0.6,
     )
     ours = generate(model, request).images[0]
 
     pipe = StableDiffusionImg2ImgPipeline(**_pipeline_kwargs(folder, scheduler))
     fitted = fit_image(Image.open(io.BytesIO(init)).convert("RGB"), width, height)
     theirs = pipe(
-        PROMPT, image=fitted, negative_prompt="blurry", num_inference_steps=STEPS + 3, guidance_scale=6.0,
-        strength=0.6, generator=torch.Generator("cpu").manual_seed(99),
+        PROMPT,
+        image=fitted,
+        negative_prompt="blurry",
+        num_inference_steps=STEPS + 3,
+        guidance_scale=6.0,
+        strength=0.6,
+        generator=torch.Generator("cpu").manual_seed(99),
     ).images[0]
     assert _max_diff(ours, theirs) <= 1
 
