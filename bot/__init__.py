@@ -1,0 +1,1 @@
+"""sdbot: a self-hosted Stable Diffusion bot for Discord, built on sdengine."""

@@ -1,0 +1,184 @@
+"""Engine behaviour beyond parity: validation, seeds, prompts, progress, cancellation, model loading."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sdengine import (
+    Cancelled,
+    CancelToken,
+    GenerationRequest,
+    InvalidRequest,
+    Model,
+    ModelLoadError,
+    Progress,
+    check_inputs,
+    generate,
+    load_model,
+    read_parameters,
+)
+from sdengine.prompts import encode_prompts, to_compel_syntax
+
+BAD_REQUESTS = {
+    "empty prompt": GenerationRequest("   "),
+    "steps 0": GenerationRequest("x", steps=0),
+    "steps 151": GenerationRequest("x", steps=151),
+    "guidance -1": GenerationRequest("x", guidance=-1),
+    "guidance 31": GenerationRequest("x", guidance=31),
+    "guidance nan": GenerationRequest("x", guidance=math.nan),
+    "count 0": GenerationRequest("x", count=0),
+    "count 5": GenerationRequest("x", count=5),
+    "strength 0": GenerationRequest("x", image=b"x", strength=0),
+    "strength 1.5": GenerationRequest("x", image=b"x", strength=1.5),
+    "width not a multiple": GenerationRequest("x", width=65),
+    "height too small": GenerationRequest("x", height=8),
+    "width too large": GenerationRequest("x", width=4096),
+    "seed negative": GenerationRequest("x", seed=-1),
+    "seed too large": GenerationRequest("x", seed=2**32),
+    "unknown scheduler": GenerationRequest("x", scheduler="pndm"),
+    "NUL in prompt": GenerationRequest("a\x00b"),
+    "6000 characters": GenerationRequest("a" * 6000),
+}
+
+
+@pytest.mark.parametrize("name", BAD_REQUESTS)
+def test_check_inputs_rejects_with_one_sentence(tiny: Model, name: str) -> None:
+    with pytest.raises(InvalidRequest) as error:
+        check_inputs(tiny, BAD_REQUESTS[name])
+    assert "\n" not in str(error.value) and str(error.value).endswith(".")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    steps=st.integers(-10, 200),
+    guidance=st.floats(allow_nan=True, allow_infinity=True),
+    count=st.integers(-2, 8),
+    width=st.one_of(st.none(), st.integers(-100, 5000)),
+    prompt=st.text(max_size=50),
+)
+def test_check_inputs_either_accepts_or_explains(
+    tiny: Model, steps: int, guidance: float, count: int, width: int | None, prompt: str
+) -> None:
+    request = GenerationRequest(prompt, steps=steps, guidance=guidance, count=count, width=width)
+    try:
+        check_inputs(tiny, request)
+    except InvalidRequest as error:
+        assert str(error)
+    else:
+        assert 1 <= steps <= 150 and 0 <= guidance <= 30 and 1 <= count <= 4 and prompt.strip()
+
+
+def test_image_i_uses_seed_plus_i(tiny: Model) -> None:
+    batch = generate(tiny, GenerationRequest("a fox", steps=3, seed=10, count=3))
+    assert batch.seeds == [10, 11, 12]
+    for i, image in enumerate(batch.images):
+        alone = generate(tiny, GenerationRequest("a fox", steps=3, seed=10 + i)).images[0]
+        assert np.abs(np.asarray(image, np.int16) - np.asarray(alone, np.int16)).max() <= 1
+        assert f"Seed: {10 + i}," in (read_parameters(batch.pngs[i]) or "")
+
+
+def test_missing_seed_is_drawn_and_reported(tiny: Model) -> None:
+    result = generate(tiny, GenerationRequest("a fox", steps=2))
+    again = generate(tiny, GenerationRequest("a fox", steps=2, seed=result.seeds[0]))
+    assert np.array_equal(np.asarray(result.images[0]), np.asarray(again.images[0]))
+
+
+def test_progress_and_cancel(tiny: Model) -> None:
+    seen: list[Progress] = []
+    generate(tiny, GenerationRequest("a fox", steps=6, seed=1), progress=seen.append, preview_every=3)
+    assert [p.step for p in seen] == [1, 2, 3, 4, 5, 6] and {p.total for p in seen} == {6}
+    assert [p.step for p in seen if p.preview is not None] == [3, 6]
+    assert seen[-1].preview is not None and seen[-1].preview.size == (32, 32)  # latent resolution
+
+    token = CancelToken()
+
+    def cancel_at_two(progress: Progress) -> None:
+        if progress.step == 2:
+            token.cancel()
+
+    with pytest.raises(Cancelled):
+        generate(tiny, GenerationRequest("a fox", steps=50, seed=1), progress=cancel_at_two, cancel=token)
+
+
+def test_long_prompts_are_chunked_and_reported(tiny: Model) -> None:
+    short, notices = encode_prompts(tiny, "a cat", "")
+    assert short.shape[:2] == (2, 77) and notices == []
+    long_prompt = "a very detailed painting of a cat " * 10  # ~340 byte-level tokens
+    embeds, notices = encode_prompts(tiny, long_prompt, "blurry")
+    assert embeds.shape[1] > 77 and embeds.shape[1] % 77 == 0
+    assert "chunks" in notices[0]
+    result = generate(tiny, GenerationRequest(long_prompt, steps=2, seed=1))
+    assert result.notices == notices
+
+
+def test_unweighted_prompt_equals_the_plain_text_encoder(tiny: Model) -> None:
+    embeds, _ = encode_prompts(tiny, "a red fox", "")
+    ids = tiny.tokenizer(["", "a red fox"], padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    with torch.inference_mode():
+        plain = tiny.text_encoder(ids.input_ids)[0]
+    assert torch.allclose(embeds, plain, atol=1e-5)
+
+
+def test_a1111_weights_are_converted_and_change_the_embedding(tiny: Model) -> None:
+    assert to_compel_syntax("a (red:1.3) fox, (blue: 0.5)") == "a (red)1.3 fox, (blue)0.5"
+    plain, _ = encode_prompts(tiny, "a red fox", "")
+    weighted, _ = encode_prompts(tiny, "a (red:1.5) fox", "")
+    assert not torch.allclose(plain, weighted)
+
+
+def test_latent_factor_comes_from_the_vae(factor4_folder: Path) -> None:
+    model = load_model(str(factor4_folder), device="cpu")
+    assert model.latent_factor == 4 and model.native_size == 128
+    result = generate(model, GenerationRequest("x", steps=2, seed=1, width=96, height=64))
+    assert result.images[0].size == (96, 64)
+    with pytest.raises(InvalidRequest, match="multiple of 4"):
+        check_inputs(model, GenerationRequest("x", width=98))
+
+
+def test_folder_round_trip_gives_the_same_pixels(tiny: Model, tiny_folder: Path) -> None:
+    loaded = load_model(str(tiny_folder), device="cpu")
+    request = GenerationRequest("a fox", steps=3, seed=3)
+    a, b = generate(tiny, request).images[0], generate(loaded, request).images[0]
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_bad_model_sources_explain_what_to_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "broken.safetensors").write_bytes(b"not a checkpoint")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cases = {
+        str(tmp_path / "missing"): "No model at",
+        str(tmp_path / "empty"): "not a diffusers model folder",
+        str(tmp_path / "broken.safetensors"): "Could not load the checkpoint",
+        "nobody/no-such-model": "Could not load 'nobody/no-such-model' from the Hugging Face hub",
+    }
+    for source, expected in cases.items():
+        with pytest.raises(ModelLoadError, match=expected) as error:
+            load_model(source, device="cpu")
+        assert "\n" not in str(error.value)
+    with pytest.raises(ModelLoadError, match="Unknown dtype"):
+        load_model("tiny", dtype="fp8")
+
+
+def test_damaged_folder(tiny_folder: Path, tmp_path: Path) -> None:
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_folder, damaged)
+    (damaged / "unet" / "config.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match="damaged"):
+        load_model(str(damaged), device="cpu")
+
+
+def test_request_is_a_value(tiny: Model) -> None:
+    request = GenerationRequest("x", seed=1)
+    assert dataclasses.replace(request, seed=2) != request
+    assert "image" not in repr(GenerationRequest("x", image=b"\x89PNG"))
