@@ -1,0 +1,102 @@
+"""/imagine: a picture from a prompt, or from an attached image and a prompt."""
+
+from __future__ import annotations
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+import sdengine
+from bot import render
+from bot.app import SDBot
+from bot.generation import Output
+from bot.views import MAX_SEED, Interaction, random_seed, tell
+
+SCHEDULER_NAMES = {
+    "dpmpp_2m": "DPM++ 2M Karras",
+    "euler_a": "Euler a",
+    "euler": "Euler",
+    "ddim": "DDIM",
+    "lms": "LMS",
+}
+SIZE_NAMES = {
+    "square": "square (1:1)",
+    "portrait": "portrait (2:3)",
+    "landscape": "landscape (3:2)",
+    "wide": "wide (16:9)",
+}
+
+
+class Imagine(commands.Cog):
+    def __init__(self, bot: SDBot) -> None:
+        self.bot = bot
+
+    @app_commands.command(description="Draw a picture from a text prompt, or from an image and a prompt.")
+    @app_commands.describe(
+        prompt="What to draw",
+        negative="What to keep out of the picture",
+        seed="The seed: the same seed and settings give the same picture",
+        steps="Denoising steps: more is slower and often finer",
+        guidance="How closely to follow the prompt (7.5 is usual)",
+        scheduler="The sampler",
+        size="The shape of the picture",
+        count="How many pictures",
+        image="Start from this image instead of noise",
+        strength="With an image: how far to move away from it (1 = ignore it)",
+    )
+    @app_commands.choices(
+        scheduler=[app_commands.Choice(name=label, value=key) for key, label in SCHEDULER_NAMES.items()],
+        size=[app_commands.Choice(name=label, value=key) for key, label in SIZE_NAMES.items()],
+    )
+    async def imagine(
+        self,
+        interaction: Interaction,
+        prompt: str,
+        negative: str | None = None,
+        seed: app_commands.Range[int, 0, MAX_SEED] | None = None,
+        steps: app_commands.Range[int, 1, 150] | None = None,
+        guidance: app_commands.Range[float, 0.0, 30.0] | None = None,
+        scheduler: str | None = None,
+        size: str | None = None,
+        count: app_commands.Range[int, 1, 4] = 1,
+        image: discord.Attachment | None = None,
+        strength: app_commands.Range[float, 0.05, 1.0] | None = None,
+    ) -> None:
+        await interaction.response.defer()
+        bot = self.bot
+        defaults = bot.settings.defaults
+        width = height = None
+        if size is not None:
+            model = bot.model
+            step = 8 * model.latent_factor
+            width, height = render.aspect_size(size, model.native_size, step, bot.settings.limits.max_side)
+        request = sdengine.GenerationRequest(
+            prompt,
+            negative=defaults.negative if negative is None else negative,
+            scheduler=scheduler or defaults.scheduler,
+            steps=steps or defaults.steps,
+            guidance=defaults.guidance if guidance is None else guidance,
+            seed=random_seed() if seed is None else seed,
+            width=width,
+            height=height,
+            count=count,
+            strength=strength or defaults.strength,
+        )
+        await bot.generations.run(
+            request,
+            Output.for_interaction(interaction),
+            kind="imagine",
+            user=interaction.user,
+            image=image,
+        )
+
+    async def cog_app_command_error(self, interaction: Interaction, error: app_commands.AppCommandError) -> None:
+        # Discord enforces choices and ranges, but a client with a stale copy of the command can still send
+        # values this version refuses.
+        if isinstance(error, app_commands.TransformerError):
+            interaction.extras["error_handled"] = True
+            await tell(interaction, "One of the options is not valid any more: run /imagine again.")
+
+
+async def setup(bot: SDBot) -> None:
+    await bot.add_cog(Imagine(bot))
