@@ -101,12 +101,12 @@ def load_model(source: str = DEFAULT_MODEL, *, device: str = "auto", dtype: str 
     return model
 
 
-def _from_pretrained(root: str | Path, torch_dtype: torch.dtype, **kwargs: Any) -> dict[str, Any]:
+def _from_pretrained(root: Path, torch_dtype: torch.dtype) -> dict[str, Any]:
     return {
-        "tokenizer": CLIPTokenizer.from_pretrained(root, subfolder="tokenizer", **kwargs),
-        "text_encoder": CLIPTextModel.from_pretrained(root, subfolder="text_encoder", dtype=torch_dtype, **kwargs),
-        "unet": UNet2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=torch_dtype, **kwargs),
-        "vae": AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=torch_dtype, **kwargs),
+        "tokenizer": CLIPTokenizer.from_pretrained(root, subfolder="tokenizer"),
+        "text_encoder": CLIPTextModel.from_pretrained(root, subfolder="text_encoder", dtype=torch_dtype),
+        "unet": UNet2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=torch_dtype),
+        "vae": AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=torch_dtype),
     }
 
 
@@ -125,19 +125,22 @@ def _load_folder(path: Path, torch_dtype: torch.dtype) -> dict[str, Any]:
     return parts
 
 
+# What a diffusers SD folder needs: configs, tokenizer files, and one full-precision safetensors per model.
+_HUB_FILES = ["*.json", "tokenizer/*", "*/model.safetensors", "*/diffusion_pytorch_model.safetensors"]
+
+
 def _load_hub(repo_id: str, torch_dtype: torch.dtype) -> dict[str, Any]:
-    from huggingface_hub import hf_hub_download
+    """Fetch the files once (or find them in the HF cache), then load them like a local folder."""
+    from huggingface_hub import snapshot_download
 
     try:
-        parts = _from_pretrained(repo_id, torch_dtype)
-        config_file = hf_hub_download(repo_id, "scheduler/scheduler_config.json")
-        parts["scheduler_config"] = _read_scheduler_config(Path(config_file))
-    except Exception as exc:  # huggingface_hub raises many types: offline, 404, gated, bad files
+        folder = snapshot_download(repo_id, allow_patterns=_HUB_FILES)
+    except Exception as exc:  # huggingface_hub raises many types: offline, 404, gated, disk full
         raise ModelLoadError(
             f"Could not load {repo_id!r} from the Hugging Face hub ({_first_line(exc)}): check the network "
             "and the id, or point the model at a local folder or .safetensors file, or use `tiny`."
         ) from exc
-    return parts
+    return _load_folder(Path(folder), torch_dtype)
 
 
 def _load_single_file(path: Path, torch_dtype: torch.dtype) -> dict[str, Any]:

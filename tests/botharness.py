@@ -30,7 +30,7 @@ from bot.app import SDBot
 from bot.config import Settings, load_settings
 from bot.store import Generation, Store
 from sdengine import Model
-from tests.fakediscord import FakeDiscord, FakeInteraction, FakeMessage, FakeUser, run_client
+from tests.fakediscord import FakeDiscord, FakeInteraction, FakeMessage, run_client
 
 COMMANDS = ("imagine", "reroll", "history", "queue", "cancel", "Make variations")
 RESULT_ID = re.compile(r"gen:(\d+):reroll")
@@ -85,26 +85,6 @@ max_pending_per_user = 5
 """
     )
     return load_settings(path)
-
-
-async def context_menu(fake: FakeDiscord, name: str, target: FakeMessage, *, user: FakeUser) -> FakeInteraction:
-    """`fake.context_menu` for a menu whose name has a space.
-
-    Works around a fake bug: `FakeDiscord._command_data` looks commands up by `name.split()[0]`, which is right for
-    "group sub" slash commands but cuts "Make variations" to "Make". The fix belongs there: split only type 1.
-    """
-    channel = fake.channels[target.channel_id]
-    command, guild_id = fake.find_command(name, 3, channel.guild_id)
-    data: dict[str, Any] = {
-        "id": command["id"],
-        "name": name,
-        "type": 3,
-        "target_id": str(target.id),
-        "resolved": {"messages": {str(target.id): fake.message_payload(target)}},
-    }
-    if guild_id is not None:
-        data["guild_id"] = str(guild_id)
-    return await fake._dispatch_interaction(2, data, user=user, channel=channel)
 
 
 @dataclass

@@ -17,7 +17,6 @@ from bot.__main__ import main
 from bot.store import NewGeneration
 from tests.botharness import (
     Harness,
-    context_menu,
     custom_ids,
     fake_fixture,
     harness_fixture,
@@ -125,14 +124,14 @@ async def test_replying_to_a_result_or_the_context_menu_makes_variations(harness
 
         # The context menu on someone's upload of a result: the prompt comes from the PNG's parameters.
         upload = await fake.user_message("look", author=fake.bob, attachments=[("art.png", result.attachments[0].data)])
-        menu = await context_menu(fake, "Make variations", upload, user=fake.carol)
+        menu = await fake.context_menu("Make variations", upload, user=fake.carol)
         assert (await menu.wait_callback()).type == 5
         from_menu = await harness.result_of(menu)
         assert parameters(from_menu.attachments[0].data)["prompt"] == "a castle"
 
         # A message without an image gets one ephemeral sentence.
         text_only = await fake.user_message("just words", author=fake.bob)
-        empty = await context_menu(fake, "Make variations", text_only, user=fake.carol)
+        empty = await fake.context_menu("Make variations", text_only, user=fake.carol)
         await empty.wait_message(lambda m: m.ephemeral)
         assert only_ephemeral_sentence(empty.messages) == "That message has no image to make variations of."
 

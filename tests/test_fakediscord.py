@@ -217,9 +217,7 @@ async def test_expired_token_and_late_callback(fake: FakeDiscord, bot: Bot) -> N
 
 
 @pytest.mark.parametrize("close_code", [4000, None], ids=["close-4000", "tcp-abort"])
-async def test_dropped_gateway_resumes_and_replays(
-    fake: FakeDiscord, bot: Bot, close_code: int | None
-) -> None:
+async def test_dropped_gateway_resumes_and_replays(fake: FakeDiscord, bot: Bot, close_code: int | None) -> None:
     got: asyncio.Queue[discord.Message] = asyncio.Queue()
     resumed = asyncio.Event()
 
@@ -322,9 +320,7 @@ async def test_command_visibility_follows_discord_rules(fake: FakeDiscord, bot: 
             await fake.slash_command("reload", user=fake.alice)
         with pytest.raises(PermissionError):
             await fake.slash_command("spicy", channel=fake.channel)
-        assert (
-            await (await fake.slash_command("reload", user=fake.admin)).wait_message()
-        ).content == "reloaded"
+        assert (await (await fake.slash_command("reload", user=fake.admin)).wait_message()).content == "reloaded"
         nsfw = await fake.slash_command("spicy", channel=fake.nsfw_channel)
         assert (await nsfw.wait_message()).channel_id == fake.nsfw_channel.id
 

@@ -106,9 +106,7 @@ class FakeDiscord:
         self.guilds = guilds if guilds is not None else [self._default_guild()]
         for guild in self.guilds:
             if guild.member(self.bot_user) is None:
-                role = FakeRole(
-                    bot_name, permissions=DEFAULT_PERMISSIONS, bot_id=self.bot_user.id, position=1
-                )
+                role = FakeRole(bot_name, permissions=DEFAULT_PERMISSIONS, bot_id=self.bot_user.id, position=1)
                 guild.roles.append(role)
                 guild.add_member(self.bot_user, role)
 
@@ -264,8 +262,7 @@ class FakeDiscord:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise TimeoutError(
-                    f"fake discord: condition not met within {timeout}s; "
-                    f"recent requests: {self.requests[-8:]}"
+                    f"fake discord: condition not met within {timeout}s; recent requests: {self.requests[-8:]}"
                 )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._change.wait(), remaining)
@@ -625,9 +622,7 @@ class FakeDiscord:
         message: FakeMessage | None = None,
     ) -> FakeInteraction:
         """Submit a modal: ``values`` maps text-input custom_id -> typed text."""
-        rows = [
-            {"type": 1, "components": [{"type": 4, "custom_id": k, "value": v}]} for k, v in values.items()
-        ]
+        rows = [{"type": 1, "components": [{"type": 4, "custom_id": k, "value": v}]} for k, v in values.items()]
         data: JSON = {"custom_id": custom_id, "components": rows}
         channel = channel or (self.channels[message.channel_id] if message else self.channel)
         return await self._dispatch_interaction(5, data, user=user, channel=channel, message=message)
@@ -647,16 +642,15 @@ class FakeDiscord:
         self, name: str, type: int, user: FakeUser, channel: FakeChannel, check_permissions: bool
     ) -> tuple[JSON, JSON]:
         """The interaction ``data`` skeleton for command ``name``, and the synced definition."""
-        root = name.split()[0]
+        # Only slash commands have subcommands ("group sub"); context menu names may contain spaces.
+        root = name.split()[0] if type == 1 else name
         command, gid = self.find_command(root, type, channel.guild_id)
         guild = self.guild_of(channel)
         if check_permissions and guild is not None:
             required = command.get("default_member_permissions")
             need = (int(required) or ADMINISTRATOR) if required is not None else 0  # "0" = admins only
             if guild.permissions(user) & need != need:
-                raise PermissionError(
-                    f"Discord hides {root!r} from {user.username} (needs permissions {need})"
-                )
+                raise PermissionError(f"Discord hides {root!r} from {user.username} (needs permissions {need})")
             if command.get("nsfw") and not channel.nsfw:
                 raise PermissionError(f"Discord refuses age-restricted {root!r} in non-NSFW #{channel.name}")
         data: JSON = {"id": command["id"], "name": root, "type": type}
@@ -702,9 +696,7 @@ class FakeDiscord:
             options = [{"name": sub["name"], "type": sub["type"], "options": options}]
         return options
 
-    def _option_value(
-        self, type: int, value: Any, resolved: JSON, channel: FakeChannel, focused: bool
-    ) -> Any:
+    def _option_value(self, type: int, value: Any, resolved: JSON, channel: FakeChannel, focused: bool) -> Any:
         if focused:  # an autocomplete value is whatever the user has typed so far
             return str(value)
         if type == OPT_STRING:
@@ -830,9 +822,7 @@ class FakeDiscord:
             interaction_metadata=metadata,
         )
 
-    async def _interaction_callback(
-        self, inter: FakeInteraction, body: JSON, files: list[UploadedFile]
-    ) -> JSON:
+    async def _interaction_callback(self, inter: FakeInteraction, body: JSON, files: list[UploadedFile]) -> JSON:
         arrived = time.monotonic()
         cb_type = int(body.get("type", 0))
         data: JSON = body.get("data") or {}
@@ -911,9 +901,7 @@ class FakeDiscord:
                 mentioned.append(user)
         return mentioned
 
-    def _apply_payload(
-        self, message: FakeMessage, body: JSON, files: list[UploadedFile], *, creating: bool
-    ) -> None:
+    def _apply_payload(self, message: FakeMessage, body: JSON, files: list[UploadedFile], *, creating: bool) -> None:
         """Apply a create/edit body (plus multipart files) to ``message``, validating like Discord."""
         content = (body.get("content") or "") if "content" in body else message.content
         if len(content) > MAX_CONTENT:
@@ -970,18 +958,14 @@ class FakeDiscord:
         for att in message.attachments:
             self.attachments[att.id] = att
 
-    async def _bot_channel_message(
-        self, channel: FakeChannel, body: JSON, files: list[UploadedFile]
-    ) -> FakeMessage:
+    async def _bot_channel_message(self, channel: FakeChannel, body: JSON, files: list[UploadedFile]) -> FakeMessage:
         message = FakeMessage(channel_id=channel.id, guild_id=channel.guild_id, author=self.bot_user)
         ref = body.get("message_reference")
         if ref:
             target = next((m for m in self.messages if str(m.id) == str(ref.get("message_id"))), None)
             if target is None or target.deleted:
                 if ref.get("fail_if_not_exists", True):
-                    raise form_error(
-                        "message_reference", "MESSAGE_REFERENCE_UNKNOWN_MESSAGE", "Unknown message"
-                    )
+                    raise form_error("message_reference", "MESSAGE_REFERENCE_UNKNOWN_MESSAGE", "Unknown message")
             else:
                 message.reference, message.type = target, MSG_REPLY
         self._apply_payload(message, body, files, creating=True)

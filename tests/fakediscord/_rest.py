@@ -330,11 +330,7 @@ class RestApi:
     async def webhook_message(self, request: web.Request) -> web.StreamResponse:
         inter = self._webhook_interaction(request)
         mid = request.match_info["message_id"]
-        message = (
-            inter.original
-            if mid == "@original"
-            else next((m for m in inter.messages if str(m.id) == mid), None)
-        )
+        message = inter.original if mid == "@original" else next((m for m in inter.messages if str(m.id) == mid), None)
         if message is None or message.deleted:
             raise unknown_message()
         return await self._message_method(request, message)
