@@ -119,12 +119,15 @@ def test_long_prompts_are_chunked_and_reported(tiny: Model) -> None:
     assert result.notices == notices
 
 
-def test_unweighted_prompt_equals_the_plain_text_encoder(tiny: Model) -> None:
+def test_plain_prompts_match_the_text_encoder_and_compel(tiny: Model) -> None:
+    """The fast path is exactly diffusers' encoding, and compel agrees with it on a weight of 1."""
     embeds, _ = encode_prompts(tiny, "a red fox", "")
     ids = tiny.tokenizer(["", "a red fox"], padding="max_length", max_length=77, truncation=True, return_tensors="pt")
     with torch.inference_mode():
         plain = tiny.text_encoder(ids.input_ids)[0]
-    assert torch.allclose(embeds, plain, atol=1e-5)
+    assert torch.equal(embeds, plain)
+    through_compel, _ = encode_prompts(tiny, "a red (fox:1.0)", "")
+    assert torch.allclose(through_compel, plain, atol=1e-5)
 
 
 def test_a1111_weights_are_converted_and_change_the_embedding(tiny: Model) -> None:
