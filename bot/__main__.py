@@ -1,5 +1,9 @@
 """`python -m bot --config PATH` / `sdbot --config PATH`: run the bot until interrupted.
 
+SIGTERM or SIGINT (Ctrl-C) stops it cleanly: new requests are refused, the current denoising step finishes, the
+rest is failed with a message to its user and a row in the database, and the database is closed. A second signal
+stops it at once; what that leaves unfinished runs again at the next start.
+
 Exit status: 0 after a clean stop, 1 when Discord refuses the token or the model or database cannot be used, 2 for
 a bad config or a missing token (one line on stderr says what to change).
 """
@@ -41,10 +45,21 @@ def main(argv: list[str] | None = None) -> int:
 
     async def run() -> None:
         task = asyncio.current_task()
-        if task is not None and hasattr(signal, "SIGTERM"):
+        loop = asyncio.get_running_loop()
+        stop_signals = [signal.SIGINT, signal.SIGTERM]  # Ctrl-C; systemd and docker stop with SIGTERM
+
+        def stop(name: str) -> None:
+            # Cancelling the main task makes `async with` close the bot: it refuses new requests, lets the current
+            # step finish, fails the rest with a message and a row, and closes the database.
+            log.info("%s: shutting down cleanly (send it again to stop at once)", name)
+            for number in stop_signals:
+                loop.remove_signal_handler(number)  # a second signal gets the default behaviour
+            if task is not None:
+                task.cancel()
+
+        for number in stop_signals:
             with contextlib.suppress(NotImplementedError):  # no signal handlers on Windows' event loop
-                # systemd and docker stop with SIGTERM: shut down as cleanly as on Ctrl-C.
-                asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+                loop.add_signal_handler(number, stop, number.name)
         async with SDBot(settings) as bot:
             await bot.start(token)  # never logged: discord.py sends it only in headers and IDENTIFY
 

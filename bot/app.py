@@ -1,30 +1,53 @@
 """The bot: settings, store, model and executor wired together, with the cogs loaded on top.
 
-Startup (`setup_hook`): open the store -> load the model -> start the executor -> register the buttons -> load the
-cogs -> sync the slash commands. Shutdown (`close`): stop the executor -> let runs finish their bookkeeping ->
-mark what never finished as failed -> close the store -> disconnect.
+Startup (`setup_hook`): open the store -> find the work a crash interrupted -> load the model -> start the executor
+-> register the buttons -> run the interrupted work again -> load the cogs -> sync the slash commands.
+Shutdown (`close`): refuse new requests -> stop the executor after its current step (it fails what is queued or
+running, and each user is told) -> let runs finish their bookkeeping -> mark what never finished as failed -> close
+the store -> disconnect.
+
+After a crash or `kill -9` nothing is lost. A generation that was queued or running runs again from its row with its
+stored parameters and seed, and shows its progress and result in a new message in its channel (the interaction's
+token may be dead by then). One that was running during `MAX_INTERRUPTIONS` crashes may be what crashes the bot: it
+is failed instead, with a message and a Reroll button. A command that was acknowledged but crashed before its row
+was written is found in the `received` table, and its user is asked to send it again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
+import time
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
 import discord
-from discord import app_commands
+from discord import app_commands, ui
 from discord.ext import commands
 
 import sdengine
+from bot import render
 from bot.config import Settings
-from bot.generation import GenerationService
-from bot.store import Store
-from bot.views import BUTTONS, NO_PINGS, SORRY, Interaction, tell, user_message
+from bot.generation import DEFAULT_FILESIZE_LIMIT, GenerationService, Output, database_trouble
+from bot.render import File
+from bot.store import Generation, Received, Store
+from bot.views import BUTTONS, NO_PINGS, SORRY, Interaction, RerollButton, tell, user_message
 from sdengine.executor import Executor, ExecutorConfig
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = ("bot.cogs.imagine", "bot.cogs.variations", "bot.cogs.history", "bot.cogs.queue")
+EXTENSIONS = ("bot.cogs.imagine", "bot.cogs.variations", "bot.cogs.history", "bot.cogs.queue", "bot.cogs.admin")
+
+# A generation running during this many crashes is given up rather than run again.
+MAX_INTERRUPTIONS = 3
+# The commands that start a generation. Each is noted in the `received` table before the cog acknowledges it.
+GENERATION_COMMANDS = ("imagine", "reroll", "Make variations")
+# Seconds a command waits for that note to be written. It normally takes a millisecond; a database stuck longer
+# (locked, disk full) must not make the bot miss Discord's 3-second deadline, so the command then goes on without.
+RECEIPT_WAIT = 1.0
+STOPPING = "I am shutting down for a moment: try again in a minute."
+GIVEN_UP = f"The bot crashed {MAX_INTERRUPTIONS} times while this request ran, so it was not run again."
 
 
 def intents() -> discord.Intents:
@@ -44,9 +67,12 @@ class Tree(app_commands.CommandTree["SDBot"]):
         refusal = self.client.refusal(interaction.guild_id, interaction.channel)
         if refusal is not None:
             await tell(interaction, refusal)
-        return refusal is None
+            return False
+        await self.client.note_received(interaction)
+        return True
 
     async def on_error(self, interaction: Interaction, error: app_commands.AppCommandError, /) -> None:
+        await self.client.forget_received(interaction)
         if interaction.extras.get("error_handled"):  # a cog's handler already answered
             return
         original = error.original if isinstance(error, app_commands.CommandInvokeError) else error
@@ -55,6 +81,24 @@ class Tree(app_commands.CommandTree["SDBot"]):
             command = interaction.command.qualified_name if interaction.command else "?"
             log.error("/%s failed for user %s", command, interaction.user.id, exc_info=original)
         await tell(interaction, sentence or SORRY)
+
+
+class ResumedOutput(Output):
+    """Where a generation resumed after a crash shows itself: new messages in its channel, each starting with a
+    line that says whose request it is (a mention that pings nobody: allowed_mentions is none)."""
+
+    def __init__(self, channel: discord.abc.Messageable, row: Generation) -> None:
+        super().__init__(
+            channel, channel_id=row.channel_id, guild_id=row.guild_id, filesize_limit=DEFAULT_FILESIZE_LIMIT
+        )
+        self.header = f"-# <@{row.user_id}>'s request from <t:{int(row.created_at)}:R>, run again after a bot restart"
+
+    async def show(
+        self, content: str, files: Sequence[File] = (), view: discord.ui.View | None = None, *, final: bool = False
+    ) -> discord.Message | None:
+        if len(self.header) + 1 + len(content) <= render.MAX_CONTENT:  # a long result keeps its text instead
+            content = f"{self.header}\n{content}"
+        return await super().show(content, files, view, final=final)
 
 
 class SDBot(commands.Bot):
@@ -82,7 +126,9 @@ class SDBot(commands.Bot):
         self._store: Store | None = None
         self._executor: Executor | None = None
         self._generations: GenerationService | None = None
+        self._background: set[asyncio.Task[None]] = set()  # recovery and receipts: awaited by close()
         self._closed = False
+        self._store_closed = False
 
     # Set up by setup_hook; the cogs only run after it.
     @property
@@ -108,15 +154,26 @@ class SDBot(commands.Bot):
     async def setup_hook(self) -> None:
         settings = self.settings
         self._store = await Store.open(settings.storage.database)
-        stale = await self._store.fail_unfinished("The bot restarted before this request finished.")
-        if stale:
-            log.warning("marked %d generations from the last run as failed", len(stale))
+        # Before anything new can arrive: what the last run left unfinished, and what it never logged.
+        rerun, given_up = await self._store.recover_unfinished(max_interruptions=MAX_INTERRUPTIONS)
+        lost = await self._store.lost_received()
+        if rerun or given_up or lost:
+            log.warning(
+                "the last run stopped uncleanly: %d generations run again, %d given up, %d commands never logged",
+                len(rerun),
+                len(given_up),
+                len(lost),
+            )
 
         if self._model is None:
             model = settings.model
             log.info("loading model %r on %s (%s)", model.path, model.device, model.dtype)
             self._model = await asyncio.to_thread(
-                sdengine.load_model, model.path, device=model.device, dtype=model.dtype
+                sdengine.load_model,
+                model.path,
+                device=model.device,
+                dtype=model.dtype,
+                safety_checker=settings.safety.checker != "off",
             )
         limits = settings.limits
         self._executor = Executor(
@@ -132,6 +189,14 @@ class SDBot(commands.Bot):
             settings, self._store, self._executor, self._model, progress_interval=self.progress_interval
         )
         self.add_dynamic_items(*BUTTONS)
+
+        # The tasks start in this order, and each queues its job before its first await: the resumed runs keep
+        # their order, ahead of anything that arrives once the gateway connects.
+        for row in rerun:
+            channel = self.get_partial_messageable(row.channel_id, guild_id=row.guild_id)
+            self._spawn(self._generations.resume(row, ResumedOutput(channel, row)))
+        if given_up or lost:
+            self._spawn(self._tell_interrupted(given_up, lost))
 
         for extension in EXTENSIONS:
             try:
@@ -155,6 +220,8 @@ class SDBot(commands.Bot):
 
     def refusal(self, guild_id: int | None, channel: object) -> str | None:
         """Why the bot does not work in this place, as a sentence for the user; None where it does."""
+        if self._closed:
+            return STOPPING
         config = self.settings.discord
         if guild_id is None:
             if config.allowed_guild_ids or config.allowed_channel_ids or config.nsfw_channels_only:
@@ -174,15 +241,114 @@ class SDBot(commands.Bot):
     async def on_message(self, message: discord.Message, /) -> None:
         """No prefix commands: replies to images are handled by the variations cog's listener."""
 
+    # ---- crash recovery ------------------------------------------------------------------------------------
+
+    async def note_received(self, interaction: Interaction) -> None:
+        """Note a generation command in the store before its cog acknowledges it (the cog's `defer()` comes after
+        this check), so that a crash before its generation row is written still leaves a trace to report."""
+        data: dict[str, Any] = dict(interaction.data or {})
+        command = str(data.get("name", ""))
+        if interaction.type is not discord.InteractionType.application_command or command not in GENERATION_COMMANDS:
+            return
+        prompt = next((o.get("value") for o in data.get("options", ()) if o.get("name") == "prompt"), "")
+        receipt = Received(
+            interaction_id=interaction.id,
+            user_id=interaction.user.id,
+            guild_id=interaction.guild_id,
+            channel_id=interaction.channel_id or 0,
+            command=command,
+            prompt=str(prompt)[:200],
+            received_at=time.time(),
+        )
+        write = self._spawn(self.store.add_received(receipt))
+        await asyncio.wait({write}, timeout=RECEIPT_WAIT)  # no cancel on timeout: the note is still written
+
+    async def forget_received(self, interaction: Interaction) -> None:
+        """The command is finished (its user got an answer): its note is no longer needed."""
+        if self._store is None or self._store_closed:  # at start-up, a note whose row exists is dropped anyway
+            return
+        try:
+            await self._store.forget_received(interaction.id)
+        except sqlite3.Error as exc:  # harmless: at start-up, a note whose row exists is dropped
+            log.warning("could not drop the note of interaction %s: %s", interaction.id, exc)
+
+    async def on_app_command_completion(self, interaction: Interaction, command: object) -> None:
+        await self.forget_received(interaction)
+
+    async def _tell_interrupted(self, given_up: list[Generation], lost: list[Received]) -> None:
+        """Post, in their channels, what the last run could not finish and will not run again; each is marked in the
+        store only once its user is told, so a crash in between tells them again rather than never."""
+        for row in given_up:
+            view = ui.View(timeout=None)
+            view.add_item(RerollButton(row.id))
+            await self._post(
+                row.channel_id,
+                row.guild_id,
+                f"**#{row.id}** · <@{row.user_id}>: the bot crashed {MAX_INTERRUPTIONS} times while this request "
+                "ran, so it may be what crashes it and was not run again. 🔄 Reroll tries it with a new seed.",
+                view,
+            )
+            await self.store.mark_failed(row.id, GIVEN_UP)
+        for receipt in lost:
+            what = f"/{receipt.command}" if receipt.command != "Make variations" else "“Make variations”"
+            prompt = f" `{render.clip_escaped(render.one_line(receipt.prompt), 100)}`" if receipt.prompt else ""
+            await self._post(
+                receipt.channel_id,
+                receipt.guild_id,
+                f"<@{receipt.user_id}>: your {what}{prompt} was lost when the bot restarted before it started: "
+                "please send it again.",
+            )
+            await self.store.forget_received(receipt.interaction_id)
+
+    async def _post(self, channel_id: int, guild_id: int | None, content: str, view: ui.View | None = None) -> None:
+        channel = self.get_partial_messageable(channel_id, guild_id=guild_id)
+        try:
+            if view is None:
+                await channel.send(content, allowed_mentions=NO_PINGS)
+            else:
+                await channel.send(content, view=view, allowed_mentions=NO_PINGS)
+        except discord.HTTPException as exc:  # the channel is gone or the bot may no longer post there
+            log.warning("could not post in channel %s: %s", channel_id, exc)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run `work` in the background; close() waits for it, and a failure is logged."""
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+        return task
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if task.cancelled():
+            return
+        error = task.exception()
+        if isinstance(error, sqlite3.Error):  # a note the database refused: the command goes on without it
+            log.warning("a background write failed: %s (%s)", error, database_trouble(error))
+        elif error is not None:
+            log.error("a background task failed", exc_info=error)
+
+    # ---- shutdown --------------------------------------------------------------------------------------------
+
     async def close(self) -> None:
         if self._closed:
             return
-        self._closed = True
+        self._closed = True  # from now on refusal() turns every new request away
+        log.info("shutting down: new requests are refused; the current step finishes and the rest is failed")
         if self._executor is not None:
             await self._executor.shutdown()  # fails what is queued or running, with a reason
         if self._generations is not None:
             await self._generations.wait_idle(timeout=10)
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=10)
+        if self._background:  # stuck past the timeout (e.g. on a locked database): give up on them
+            for task in self._background:
+                task.cancel()
+            await asyncio.wait(set(self._background))
         if self._store is not None:
-            await self._store.fail_unfinished("The bot shut down before this request finished.")
+            try:
+                await self._store.fail_unfinished("The bot shut down before this request finished.")
+            except sqlite3.Error as exc:  # they stay unfinished and run again at the next start
+                log.warning("could not mark the unfinished generations: %s", exc)
+            self._store_closed = True
             await self._store.close()
         await super().close()

@@ -25,9 +25,10 @@ ENGINE_MAX_COUNT = 4
 ENGINE_MAX_GUIDANCE = 30.0
 ENGINE_MAX_PROMPT_CHARS = 2000
 
-SECTIONS = ("discord", "model", "storage", "defaults", "limits")
+SECTIONS = ("discord", "model", "storage", "defaults", "limits", "safety")
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 DTYPES = ("auto", "fp32", "fp16", "bf16")
+CHECKERS = ("auto", "on", "off")
 MAX_ID = 2**63 - 1  # Discord snowflakes fit a signed 64-bit int, as do TOML integers
 
 
@@ -81,12 +82,20 @@ class LimitSettings:
 
 
 @dataclass(frozen=True)
+class SafetySettings:
+    # The NSFW safety checker in the model folder: "auto" uses it when the folder has one, "on" refuses to start
+    # without it, "off" never runs it. Flagged images are blacked out outside age-restricted channels.
+    checker: str = "auto"
+
+
+@dataclass(frozen=True)
 class Settings:
     discord: DiscordSettings = field(default_factory=DiscordSettings)
     model: ModelSettings = field(default_factory=ModelSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
     defaults: DefaultSettings = field(default_factory=DefaultSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
+    safety: SafetySettings = field(default_factory=SafetySettings)
 
     def token(self, env: Mapping[str, str] = os.environ) -> str:
         """The bot token from the environment variable named by `discord.token_env`."""
@@ -127,6 +136,7 @@ def parse_settings(data: Mapping[str, Any]) -> Settings:
     storage = _Section("storage", data)
     defaults = _Section("defaults", data)
     limits = _Section("limits", data)
+    safety = _Section("safety", data)
 
     limit_settings = LimitSettings(
         max_pending_per_user=limits.integer("max_pending_per_user", LimitSettings.max_pending_per_user, 1, 1000),
@@ -173,8 +183,9 @@ def parse_settings(data: Mapping[str, Any]) -> Settings:
             strength=defaults.number("strength", DefaultSettings.strength, 0.0, 1.0, low_open=True),
         ),
         limits=limit_settings,
+        safety=SafetySettings(checker=safety.choice("checker", SafetySettings.checker, CHECKERS)),
     )
-    for section in (discord, model, storage, defaults, limits):
+    for section in (discord, model, storage, defaults, limits, safety):
         section.check_unknown()
     return settings
 
@@ -268,7 +279,11 @@ class _Section:
         if value is None:
             return default
         if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
-            raise self._fail(key, "the name of an environment variable, like DISCORD_TOKEN", value)
+            # Never echo the value: a common mistake is to paste the token itself here.
+            raise ConfigError(
+                f"{self.name}.{key}: must be the name of an environment variable, like DISCORD_TOKEN; "
+                "put the token itself in that variable, never in this file"
+            )
         return value
 
     def ids(self, key: str) -> tuple[int, ...]:

@@ -26,10 +26,14 @@ ASPECTS: dict[str, tuple[int, int]] = {
 
 File = tuple[str, bytes]  # (filename, data)
 
+# Bidi embeddings, overrides and isolates: in echoed text they could reverse how the rest of our line reads.
+BIDI_CONTROLS = dict.fromkeys(map(ord, "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"))
+
 
 def escape(text: str) -> str:
-    """User text made inert: no markdown, and no mention that could ping (allowed_mentions is the backstop)."""
-    return discord.utils.escape_mentions(discord.utils.escape_markdown(text))
+    """User text made inert: no markdown, no mention that could ping (allowed_mentions is the backstop), and no
+    bidi control that could make the rest of the line read backwards."""
+    return discord.utils.escape_mentions(discord.utils.escape_markdown(text.translate(BIDI_CONTROLS)))
 
 
 def clip_escaped(text: str, limit: int) -> str:

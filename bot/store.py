@@ -15,7 +15,7 @@ import json
 import logging
 import sqlite3
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import astuple, dataclass, field, fields, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Self
@@ -67,11 +67,64 @@ MIGRATIONS: list[str] = [
     CREATE INDEX generations_user ON generations (user_id, id);
     CREATE INDEX generations_status ON generations (status);
     """,
+    # 2: users blocked by an admin, and the audit log of admin actions
+    """
+    CREATE TABLE blocked_users (
+        user_id    INTEGER PRIMARY KEY,
+        blocked_by INTEGER NOT NULL,
+        reason     TEXT    NOT NULL DEFAULT '',
+        created_at REAL    NOT NULL
+    );
+    CREATE TABLE admin_actions (
+        id         INTEGER PRIMARY KEY,
+        actor_id   INTEGER NOT NULL,      -- who did it
+        action     TEXT    NOT NULL,      -- pause, resume, cancel, purge, block, unblock
+        target     INTEGER,               -- the user or generation acted on
+        detail     TEXT    NOT NULL DEFAULT '',
+        guild_id   INTEGER,               -- where it was done; NULL in DMs
+        created_at REAL    NOT NULL
+    );
+    """,
+    # 3: crash recovery. `interruptions` counts the crashes a generation was running in, so that one that keeps
+    # crashing the bot is given up. `received` holds the slash commands acknowledged but not yet finished, so that
+    # one whose generation row was never written is still reported after a crash.
+    """
+    ALTER TABLE generations ADD COLUMN interruptions INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX generations_interaction ON generations (interaction_id);
+    CREATE TABLE received (
+        interaction_id INTEGER PRIMARY KEY,
+        user_id        INTEGER NOT NULL,
+        guild_id       INTEGER,            -- NULL in DMs
+        channel_id     INTEGER NOT NULL,
+        command        TEXT    NOT NULL,
+        prompt         TEXT    NOT NULL DEFAULT '',
+        received_at    REAL    NOT NULL
+    );
+    """,
 ]
 
 
 class StoreError(Exception):
     """The database cannot be used by this version of sdbot."""
+
+
+@dataclass(frozen=True)
+class BlockedUser:
+    user_id: int
+    blocked_by: int
+    reason: str
+    created_at: float
+
+
+@dataclass(frozen=True)
+class AdminAction:
+    id: int
+    actor_id: int
+    action: str
+    target: int | None
+    detail: str
+    guild_id: int | None
+    created_at: float
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -269,6 +322,8 @@ class Store:
     # Reads
 
     async def get(self, id: int) -> Generation | None:
+        if not _fits_sqlite(id):  # an id from a forged custom_id or option: no such row, rather than OverflowError
+            return None
         rows = await self._select(f"{_SELECT} WHERE id = ?", (id,))
         return rows[0] if rows else None
 
@@ -305,6 +360,126 @@ class Store:
     async def _select(self, sql: str, params: tuple[Any, ...] = ()) -> list[Generation]:
         rows = await self._db.execute_fetchall(sql, params)
         return [_generation(row) for row in rows]
+
+    # Blocked users and the admin audit log
+
+    async def block(self, user_id: int, *, by: int, reason: str = "") -> bool:
+        """Block a user; False if they already were (the first block, with its reason, stays)."""
+        async with self._lock:
+            cursor = await self._db.execute(
+                "INSERT OR IGNORE INTO blocked_users (user_id, blocked_by, reason, created_at) VALUES (?, ?, ?, ?)",
+                (user_id, by, reason, time.time()),
+            )
+        return cursor.rowcount > 0
+
+    async def unblock(self, user_id: int) -> bool:
+        """False if the user was not blocked."""
+        return await self._update("DELETE FROM blocked_users WHERE user_id = ?", (user_id,))
+
+    async def is_blocked(self, user_id: int) -> bool:
+        async with self._db.execute("SELECT 1 FROM blocked_users WHERE user_id = ?", (user_id,)) as cursor:
+            return await cursor.fetchone() is not None
+
+    async def blocked_users(self) -> list[BlockedUser]:
+        """Everyone blocked, longest blocked first."""
+        rows = await self._db.execute_fetchall(
+            "SELECT user_id, blocked_by, reason, created_at FROM blocked_users ORDER BY created_at, user_id"
+        )
+        return [BlockedUser(*row) for row in rows]
+
+    async def log_admin_action(
+        self, actor_id: int, action: str, *, target: int | None = None, detail: str = "", guild_id: int | None = None
+    ) -> None:
+        async with self._lock:
+            await self._db.execute(
+                "INSERT INTO admin_actions (actor_id, action, target, detail, guild_id, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (actor_id, action, target, detail, guild_id, time.time()),
+            )
+
+    async def admin_actions(self, *, limit: int = 100) -> list[AdminAction]:
+        """The latest admin actions, newest first."""
+        rows = await self._db.execute_fetchall(
+            "SELECT id, actor_id, action, target, detail, guild_id, created_at FROM admin_actions"
+            " ORDER BY id DESC LIMIT ?",
+            (limit,),
+        )
+        return [AdminAction(*row) for row in rows]
+
+    # Crash recovery
+
+    async def recover_unfinished(self, *, max_interruptions: int) -> tuple[list[Generation], list[Generation]]:
+        """At start-up after a crash: the rows left queued or running, as (to run again, to give up), oldest first.
+
+        In one transaction, each running row counts one more interruption and goes back to queued. A row interrupted
+        `max_interruptions` times is to be given up (it may be what crashes the bot): it stays queued until the
+        caller has told its user and marks it failed, so that a crash in between tells them at the next start.
+        """
+        async with self._lock:
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                await self._db.execute(
+                    "UPDATE generations SET status = 'queued', interruptions = interruptions + 1"
+                    " WHERE status = 'running'"
+                )
+                rows = await self._select(f"{_SELECT} WHERE {_IS_UNFINISHED} ORDER BY id")
+                given_up = {
+                    id
+                    for (id,) in await self._db.execute_fetchall(
+                        f"SELECT id FROM generations WHERE {_IS_UNFINISHED} AND interruptions >= ?",
+                        (max_interruptions,),
+                    )
+                }
+            except BaseException:
+                await self._db.rollback()
+                raise
+            await self._db.commit()
+        return [r for r in rows if r.id not in given_up], [r for r in rows if r.id in given_up]
+
+    async def add_received(self, received: Received) -> None:
+        """Note an acknowledged command until it finishes (`forget_received`); see `take_lost_received`."""
+        async with self._lock:
+            await self._db.execute(
+                "INSERT OR IGNORE INTO received"
+                " (interaction_id, user_id, guild_id, channel_id, command, prompt, received_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                astuple(received),
+            )
+
+    async def forget_received(self, interaction_id: int) -> None:
+        await self._update("DELETE FROM received WHERE interaction_id = ?", (interaction_id,))
+
+    async def lost_received(self) -> list[Received]:
+        """At start-up: the commands of the last run that never got a generation row, oldest first. The others are
+        dropped: they are recovered with their row. Each stays until `forget_received`, once its user is told."""
+        async with self._lock:
+            await self._db.execute(
+                "DELETE FROM received"
+                " WHERE EXISTS (SELECT 1 FROM generations g WHERE g.interaction_id = received.interaction_id)"
+            )
+        rows = await self._db.execute_fetchall(
+            "SELECT interaction_id, user_id, guild_id, channel_id, command, prompt, received_at FROM received"
+            " ORDER BY interaction_id"
+        )
+        return [Received(*row) for row in rows]
+
+
+@dataclass(frozen=True)
+class Received:
+    """A slash command the bot acknowledged, noted before its generation row exists."""
+
+    interaction_id: int
+    user_id: int
+    guild_id: int | None
+    channel_id: int
+    command: str
+    prompt: str
+    received_at: float
+
+
+def _fits_sqlite(number: int) -> bool:
+    """SQLite integers are signed 64-bit."""
+    return -(2**63) <= number < 2**63
 
 
 def _generation(row: sqlite3.Row) -> Generation:

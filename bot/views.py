@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 NO_PINGS = discord.AllowedMentions.none()
 SORRY = "Something went wrong on my side: please try again in a minute."
+BLOCKED = "You are blocked from using this bot: ask a server admin if you think this is a mistake."
 MAX_SEED = 2**32 - 1
 
 Interaction = discord.Interaction[Any]  # the client is always an SDBot; `sdbot()` gives it its type
@@ -44,8 +45,16 @@ def sdbot(interaction: Interaction) -> SDBot:
     return cast("SDBot", interaction.client)
 
 
+def plain(sentence: str) -> str:
+    """A sentence for the user, safe to send: mentions it quotes from user input are escaped (allowed_mentions is
+    the backstop), and it is clipped to the 2000 characters a message can hold, so it always arrives."""
+    sentence = discord.utils.escape_mentions(sentence)
+    return sentence if len(sentence) <= 2000 else sentence[:1999] + "…"
+
+
 async def tell(interaction: Interaction, sentence: str) -> None:
     """Answer with one ephemeral sentence, however far the interaction has got."""
+    sentence = plain(sentence)
     try:
         if not interaction.response.is_done():
             await interaction.response.send_message(sentence, ephemeral=True, allowed_mentions=NO_PINGS)
@@ -75,11 +84,23 @@ def is_admin(interaction: Interaction) -> bool:
 
 
 async def allowed_here(interaction: Interaction) -> bool:
-    """The channel allowlist, for buttons (app commands get it from the tree's check)."""
-    refusal = sdbot(interaction).refusal(interaction.guild_id, interaction.channel)
+    """The channel allowlist and the blocklist, for buttons (app commands get the allowlist from the tree's check)."""
+    bot = sdbot(interaction)
+    refusal = bot.refusal(interaction.guild_id, interaction.channel)
+    if refusal is None and await bot.store.is_blocked(interaction.user.id):
+        refusal = BLOCKED
     if refusal is not None:
         await tell(interaction, refusal)
     return refusal is None
+
+
+async def not_blocked(interaction: Interaction) -> bool:
+    """A cog's `interaction_check`: blocked users get one sentence instead of the command."""
+    if not await sdbot(interaction).store.is_blocked(interaction.user.id):
+        return True
+    interaction.extras["error_handled"] = True  # answered here: the tree's on_error stays quiet on the CheckFailure
+    await tell(interaction, BLOCKED)
+    return False
 
 
 async def requester_or_admin(interaction: Interaction, gen_id: int, what: str) -> bool:
@@ -159,8 +180,15 @@ class DeleteButton(ui.DynamicItem[Button], template=r"gen:(?P<id>\d+):delete"):
 
     async def callback(self, interaction: Interaction) -> None:
         await interaction.response.defer()
+        await guarded(interaction, self._delete(interaction))
+
+    @staticmethod
+    async def _delete(interaction: Interaction) -> None:
         # After a deferred update, the "original response" is the message that holds the button.
-        await guarded(interaction, interaction.delete_original_response())
+        try:
+            await interaction.delete_original_response()
+        except discord.NotFound:  # a second click on a message that is already gone: nothing left to do
+            log.info("result message of interaction %s was already deleted", interaction.id)
 
 
 class CancelButton(ui.DynamicItem[Button], template=r"gen:(?P<id>\d+):cancel"):

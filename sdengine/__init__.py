@@ -10,6 +10,7 @@ from .images import decode_image, read_parameters
 from .models import DEFAULT_MODEL, Model, load_model, save_model
 from .pipeline import check_inputs, generate
 from .request import SCHEDULERS, CancelToken, GenerationRequest, GenerationResult, Progress
+from .safety import SafetyChecker
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -24,6 +25,7 @@ __all__ = [
     "OutOfMemory",
     "Progress",
     "SDEngineError",
+    "SafetyChecker",
     "check_inputs",
     "decode_image",
     "generate",

@@ -13,6 +13,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from .errors import ModelLoadError
+from .safety import SafetyChecker
 from .tiny import build_components
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ class Model:
     scheduler_config: dict[str, Any]
     device: torch.device
     dtype: torch.dtype
+    safety_checker: SafetyChecker | None = None  # from the folder's safety_checker/, when it has one
 
     @property
     def latent_factor(self) -> int:
@@ -75,8 +77,14 @@ def pick_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.device
     return torch_device, DTYPES[dtype]
 
 
-def load_model(source: str = DEFAULT_MODEL, *, device: str = "auto", dtype: str = "auto") -> Model:
-    """Load a model from `tiny`, a local diffusers folder, a single .safetensors file, or a hub id."""
+def load_model(
+    source: str = DEFAULT_MODEL, *, device: str = "auto", dtype: str = "auto", safety_checker: bool = True
+) -> Model:
+    """Load a model from `tiny`, a local diffusers folder, a single .safetensors file, or a hub id.
+
+    With `safety_checker`, a folder's (or hub snapshot's) `safety_checker/` and `feature_extractor/` are loaded too,
+    when it has them; `tiny` and single files have none.
+    """
     torch_device, torch_dtype = pick_device(device, dtype)
     path = Path(source).expanduser()
     if source == "tiny":
@@ -92,11 +100,17 @@ def load_model(source: str = DEFAULT_MODEL, *, device: str = "auto", dtype: str 
         )
     else:
         parts = _load_hub(source, torch_dtype)
+    folder = parts.pop("folder", None)
     model = Model(name=source, device=torch_device, dtype=torch_dtype, **parts)
     for module in (model.text_encoder, model.unet, model.vae):
         if module.dtype != torch_dtype:
             module.to(dtype=torch_dtype)
         module.to(torch_device).eval().requires_grad_(False)
+    if safety_checker and folder is not None:
+        try:
+            model.safety_checker = SafetyChecker.load(folder, torch_device, torch_dtype)
+        except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+            raise ModelLoadError(f"The safety checker in {str(folder)!r} is damaged ({_first_line(exc)}).") from exc
     log.info("loaded model %r on %s (%s)", source, torch_device, torch_dtype)
     return model
 
@@ -120,6 +134,7 @@ def _load_folder(path: Path, torch_dtype: torch.dtype) -> dict[str, Any]:
     try:
         parts = _from_pretrained(path, torch_dtype)
         parts["scheduler_config"] = _read_scheduler_config(path / "scheduler" / "scheduler_config.json")
+        parts["folder"] = path  # where load_model looks for the optional safety checker
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
         raise ModelLoadError(f"The model folder {str(path)!r} is damaged ({_first_line(exc)}).") from exc
     return parts
@@ -191,4 +206,6 @@ def save_model(model: Model, folder: str | Path) -> Path:
         requires_safety_checker=False,
     )
     pipe.save_pretrained(folder)
+    if model.safety_checker is not None:
+        model.safety_checker.save(Path(folder))
     return Path(folder)

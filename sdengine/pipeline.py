@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import secrets
 import time
+import unicodedata
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -43,7 +44,7 @@ MAX_COUNT = 4
 
 def check_inputs(model: Model, request: GenerationRequest) -> None:
     """Reject a request that cannot run, with one sentence that says what to change."""
-    if not request.prompt.strip():
+    if not _visible(request.prompt):
         raise InvalidRequest("The prompt is empty: describe the picture you want.")
     for name, text in (("prompt", request.prompt), ("negative prompt", request.negative)):
         if len(text) > MAX_PROMPT_CHARS:
@@ -51,7 +52,8 @@ def check_inputs(model: Model, request: GenerationRequest) -> None:
         if "\x00" in text:
             raise InvalidRequest(f"The {name} contains a NUL character: remove it.")
     if request.scheduler not in SCHEDULERS:
-        raise InvalidRequest(f"Unknown scheduler {request.scheduler!r}: use one of {', '.join(SCHEDULERS)}.")
+        # Clipped: the name comes from the user and the sentence must stay short.
+        raise InvalidRequest(f"Unknown scheduler {request.scheduler[:40]!r}: use one of {', '.join(SCHEDULERS)}.")
     if not 1 <= request.steps <= MAX_STEPS:
         raise InvalidRequest(f"Steps must be between 1 and {MAX_STEPS}, not {request.steps}.")
     if not 0 <= request.guidance <= MAX_GUIDANCE:  # also rejects NaN
@@ -70,6 +72,11 @@ def check_inputs(model: Model, request: GenerationRequest) -> None:
             raise InvalidRequest(f"The {name} must be between {low} and {MAX_SIDE} pixels, not {side}.")
         if side % factor:
             raise InvalidRequest(f"The {name} must be a multiple of {factor} for this model, not {side}.")
+
+
+def _visible(text: str) -> bool:
+    """Whether `text` has a character that shows: zero-width spaces, joiners and bidi controls (category Cf) do not."""
+    return any(not char.isspace() and unicodedata.category(char) != "Cf" for char in text)
 
 
 @dataclass
@@ -276,7 +283,7 @@ def preview(sample: Sample) -> Image.Image:
 
 
 def finish(model: Model, plan: Plan, images: list[Image.Image]) -> GenerationResult:
-    """Wrap decoded images as PNGs that carry their parameters."""
+    """Wrap decoded images as PNGs that carry their parameters, and flag them with the safety checker if asked."""
     request = plan.request
     assert request.width is not None and request.height is not None
     pngs = []
@@ -294,6 +301,8 @@ def finish(model: Model, plan: Plan, images: list[Image.Image]) -> GenerationRes
             strength=request.strength if request.image is not None else None,
         )
         pngs.append(png_bytes(image, parameters))
+    checker = model.safety_checker
+    nsfw = checker.check(images) if checker is not None and request.safety_check else [False] * len(images)
     return GenerationResult(
         images=images,
         pngs=pngs,
@@ -304,6 +313,7 @@ def finish(model: Model, plan: Plan, images: list[Image.Image]) -> GenerationRes
         scheduler=request.scheduler,
         timings=dict(plan.timings),
         notices=list(plan.notices),
+        nsfw=nsfw,
     )
 
 

@@ -18,6 +18,8 @@ class GenerationRequest:
 
     `width`/`height` of None mean the model's native size. `seed` of None means a random seed,
     which is reported in the result. `image` holds the raw bytes of an init image for image-to-image.
+    `safety_check` runs the model's safety checker, if it has one, to fill `GenerationResult.nsfw`; it never
+    changes the pixels.
     """
 
     prompt: str
@@ -31,6 +33,7 @@ class GenerationRequest:
     count: int = 1
     image: bytes | None = field(default=None, repr=False)
     strength: float = 0.75
+    safety_check: bool = True
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,8 @@ class GenerationResult:
     scheduler: str
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
     notices: list[str] = field(default_factory=list)  # e.g. prompt truncation
+    # Per image: flagged by the safety checker. All False when no checker ran. The images are left as they are.
+    nsfw: list[bool] = field(default_factory=list)
 
 
 class CancelToken:

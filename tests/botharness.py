@@ -16,6 +16,7 @@ import contextlib
 import io
 import logging
 import re
+import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 import pytest
 import pytest_asyncio
+import torch
 from PIL import Image
 
 from bot.app import SDBot
@@ -155,7 +157,9 @@ async def fake_fixture(caplog: pytest.LogCaptureFixture) -> AsyncIterator[FakeDi
     caplog.set_level(logging.INFO)
     async with FakeDiscord() as fake:
         yield fake
-    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    # Every stage's records: in teardown, `caplog.records` holds only the teardown's own.
+    records = [r for when in ("setup", "call", "teardown") for r in caplog.get_records(when)]
+    errors = [r.getMessage() for r in records if r.levelno >= logging.ERROR]
     assert not errors, errors
     await asyncio.sleep(0)
     leaked = [t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not t.done()]
@@ -165,3 +169,37 @@ async def fake_fixture(caplog: pytest.LogCaptureFixture) -> AsyncIterator[FakeDi
 @pytest.fixture(name="harness")
 def harness_fixture(fake: FakeDiscord, tmp_path: Path, tiny: Model) -> Harness:
     return Harness(fake, write_settings(tmp_path, fake), tiny)
+
+
+class GatedUNet(torch.nn.Module):
+    """The real UNet behind a gate, an injected fake: while `gate` is clear, each step waits inside the UNet. A test
+    holds the worker in the middle of a job with it, for as long as it needs, without timing guesses.
+
+        unet = GatedUNet(tiny.unet)      # open; unet.gate.clear() to hold the next step
+        Harness(fake, settings, dataclasses.replace(tiny, unet=unet))
+    """
+
+    def __init__(self, unet: torch.nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+        self.config = unet.config
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()  # set by the first step that reaches the gate while it is clear
+        self.started = 0
+        self.finished = 0
+
+    def forward(self, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        self.started += 1
+        if not self.gate.is_set():
+            self.entered.set()
+            self.gate.wait(timeout=120)
+        output = self.unet(sample, *args, **kwargs)
+        self.finished += 1
+        return output
+
+    async def hold(self) -> None:
+        """Close the gate and wait until a step is waiting at it."""
+        self.entered.clear()
+        self.gate.clear()
+        assert await asyncio.to_thread(self.entered.wait, 60), "no step reached the gate"

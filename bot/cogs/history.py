@@ -13,7 +13,7 @@ from discord.ext import commands
 
 from bot import render
 from bot.app import SDBot
-from bot.views import MAX_SEED, NO_PINGS, SORRY, Interaction, UserError, is_admin, tell, user_message
+from bot.views import MAX_SEED, NO_PINGS, SORRY, Interaction, UserError, is_admin, not_blocked, tell, user_message
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,9 @@ class History(commands.Cog):
     async def cog_unload(self) -> None:
         for view in self.views:  # ends their timeout tasks with the bot
             view.stop()
+
+    async def interaction_check(self, interaction: Interaction, /) -> bool:
+        return await not_blocked(interaction)
 
     async def page(self, user_id: int, page: int) -> tuple[str, int]:
         """The text of one page of the user's history, and the number of pages."""

@@ -66,10 +66,13 @@ class Imagine(commands.Cog):
         bot = self.bot
         defaults = bot.settings.defaults
         width = height = None
-        if size is not None:
+        problem = None
+        if size in render.ASPECTS:
             model = bot.model
             step = 8 * model.latent_factor
             width, height = render.aspect_size(size, model.native_size, step, bot.settings.limits.max_side)
+        elif size is not None:  # Discord offers only the choices, but a stale or forged payload can carry anything
+            problem = f"Unknown size {size[:40]!r}: use one of {', '.join(render.ASPECTS)}."
         request = sdengine.GenerationRequest(
             prompt,
             negative=defaults.negative if negative is None else negative,
@@ -88,6 +91,7 @@ class Imagine(commands.Cog):
             kind="imagine",
             user=interaction.user,
             image=image,
+            problem=problem,
         )
 
     async def cog_app_command_error(self, interaction: Interaction, error: app_commands.AppCommandError) -> None:

@@ -6,12 +6,15 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.app import SDBot
-from bot.views import NO_PINGS, Interaction, UserError, is_admin
+from bot.views import NO_PINGS, Interaction, UserError, is_admin, not_blocked
 
 
 class Queue(commands.Cog):
     def __init__(self, bot: SDBot) -> None:
         self.bot = bot
+
+    async def interaction_check(self, interaction: Interaction, /) -> bool:
+        return await not_blocked(interaction)
 
     @app_commands.command(description="Show the queue and where your requests are in it.")
     async def queue(self, interaction: Interaction) -> None:
