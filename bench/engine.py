@@ -1,6 +1,6 @@
 """sdengine's hand-written loop against diffusers' StableDiffusionPipeline on the same random-weight model.
 
-Runs alternate (ours, theirs, ours, theirs, ...) in one process so machine noise hits both alike, and
+Runs alternate (ours, theirs, theirs, ours, ...) in one process so machine noise hits both alike, and
 prints the median time ratio engine/diffusers (<= 1.00 means the loop adds no overhead) and peak memory.
 
     python bench/engine.py                 # tiny at 64x64 and SD-1.5-shaped at 256x256
@@ -58,8 +58,9 @@ def bench(shape: str, size: int, steps: int, repeats: int, device: str) -> None:
     theirs()
     times: dict[str, list[float]] = {"engine": [], "diffusers": []}
     peaks: dict[str, int] = {"engine": 0, "diffusers": 0}
-    for _ in range(repeats):
-        for name, run in (("engine", ours), ("diffusers", theirs)):
+    pair = [("engine", ours), ("diffusers", theirs)]
+    for i in range(repeats):
+        for name, run in pair if i % 2 == 0 else pair[::-1]:  # ABBA order: neither side always goes first
             with PeakMemory(model.device) as peak:
                 started = time.perf_counter()
                 run()
@@ -81,7 +82,7 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=["tiny", "sd15"], choices=["tiny", "sd15"])
     parser.add_argument("--size", type=int, default=None, help="pixels; default 64 for tiny, 256 for sd15")
     parser.add_argument("--steps", type=int, default=None, help="default 25 for tiny, 4 for sd15")
-    parser.add_argument("--repeats", type=int, default=None, help="alternating runs each; default 10 tiny, 3 sd15")
+    parser.add_argument("--repeats", type=int, default=None, help="alternating runs each; default 10 tiny, 4 sd15")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -92,7 +93,7 @@ def main() -> None:
             shape,
             args.size or (64 if tiny else 256),
             args.steps or (25 if tiny else 4),
-            args.repeats or (10 if tiny else 3),
+            args.repeats or (10 if tiny else 4),
             args.device,
         )
 
