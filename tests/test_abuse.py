@@ -543,3 +543,5 @@ def test_check_inputs_accepts_or_says_one_sentence(
         sdengine.check_inputs(tiny, request)
     except sdengine.InvalidRequest as exc:
         assert one_sentence(str(exc)), str(exc)
+    else:  # accepted only when every value is in range
+        assert 1 <= steps <= 150 and 0 <= guidance <= 30 and 1 <= count <= 4 and scheduler in sdengine.SCHEDULERS
