@@ -146,7 +146,7 @@ class Job:
         return self._result.done()
 
     async def result(self) -> GenerationResult:
-        """The result; raises `Cancelled`, `QueueFull`-free `SDEngineError`s such as `InvalidRequest`."""
+        """The result; raises `Cancelled`, or the `SDEngineError` that failed the job (e.g. `InvalidRequest`)."""
         return await asyncio.shield(self._result)
 
     async def events(self) -> AsyncIterator[Event]:

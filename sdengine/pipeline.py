@@ -150,19 +150,22 @@ def prepare(model: Model, request: GenerationRequest) -> Plan:
 
 
 def _resolve_size(model: Model, request: GenerationRequest, image: Image.Image | None) -> tuple[int, int]:
-    """Missing sides come from the model's native size, keeping the init image's aspect ratio."""
+    """Missing sides come from the model's native size; with an init image, they keep its aspect ratio
+    (one side given: the other follows it; none given: about the native area)."""
     native = model.native_size
     if image is None or (request.width and request.height):
         return request.width or native, request.height or native
     step = 8 * model.latent_factor
     aspect = image.width / image.height
-    width = request.width or max(step, round(native * aspect**0.5 / step) * step)
-    height = request.height or max(step, round(native / aspect**0.5 / step) * step)
-    if request.width and not request.height:
-        height = max(step, round(width / aspect / step) * step)
-    elif request.height and not request.width:
-        width = max(step, round(height * aspect / step) * step)
-    return min(width, MAX_SIDE), min(height, MAX_SIDE)
+
+    def snap(side: float) -> int:
+        return min(MAX_SIDE, max(step, round(side / step) * step))
+
+    if request.width:
+        return request.width, snap(request.width / aspect)
+    if request.height:
+        return snap(request.height * aspect), request.height
+    return snap(native * aspect**0.5), snap(native / aspect**0.5)
 
 
 def _to_tensor(image: Image.Image, model: Model) -> torch.Tensor:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from sdengine import (
     Cancelled,
@@ -163,3 +164,15 @@ def test_request_is_a_value(tiny: Model) -> None:
     request = GenerationRequest("x", seed=1)
     assert dataclasses.replace(request, seed=2) != request
     assert "image" not in repr(GenerationRequest("x", image=b"\x89PNG"))
+
+
+def test_img2img_size_follows_the_init_image(tiny: Model) -> None:
+    """Tiny: native 64 px, sizes snap to 16 px. A 2:1 image keeps 2:1 whichever sides are given."""
+    from sdengine.pipeline import _resolve_size
+
+    wide = Image.new("RGB", (128, 64))
+    assert _resolve_size(tiny, GenerationRequest("x"), wide) == (96, 48)  # about the native area
+    assert _resolve_size(tiny, GenerationRequest("x", width=128), wide) == (128, 64)
+    assert _resolve_size(tiny, GenerationRequest("x", height=32), wide) == (64, 32)
+    assert _resolve_size(tiny, GenerationRequest("x", width=80, height=80), wide) == (80, 80)
+    assert _resolve_size(tiny, GenerationRequest("x"), None) == (64, 64)
