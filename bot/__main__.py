@@ -1,11 +1,14 @@
-"""`python -m bot --config PATH` / `sdbot --config PATH`: run the bot until interrupted.
+"""`sdbot --config PATH` / `python -m bot --config PATH`: run the bot until interrupted.
+
+Start-up checks what it can without the network first: the config, the token's variable, the database and the
+model. Only then does it log in, so a broken setup is reported at once in one line. `sdbot --check` runs those
+checks plus one tiny test generation, and never connects to Discord.
+
+Once logged in, a lost connection is retried with exponential backoff, one log line per attempt.
 
 SIGTERM or SIGINT (Ctrl-C) stops it cleanly: new requests are refused, the current denoising step finishes, the
 rest is failed with a message to its user and a row in the database, and the database is closed. A second signal
 stops it at once; what that leaves unfinished runs again at the next start.
-
-Exit status: 0 after a clean stop, 1 when Discord refuses the token or the model or database cannot be used, 2 for
-a bad config or a missing token (one line on stderr says what to change).
 """
 
 from __future__ import annotations
@@ -13,33 +16,101 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.metadata
 import logging
+import os
 import signal
+import socket
 import sys
 from pathlib import Path
-
-import discord
+from typing import TYPE_CHECKING
 
 from bot.config import ConfigError, load_settings
 
+if TYPE_CHECKING:
+    import aiohttp
+
+# discord.py, aiohttp and torch are imported only once the config is read: --help and a config error come back at
+# once (torch alone takes seconds).
+
 log = logging.getLogger("bot")
+
+EXIT_OK = 0  # a clean stop, or --check passed
+EXIT_SETUP = 1  # the database or model cannot be used, or Discord refused the token or intents
+EXIT_CONFIG = 2  # a bad config file or command line, or no token in the environment
+EXIT_UNREACHABLE = 3  # Discord cannot be reached at start (network, DNS, firewall, outage): worth retrying later
+
+EPILOG = f"""\
+The bot token is read from the environment variable DISCORD_TOKEN (another name can be set in the config's
+[discord] token_env); it never goes in the config file. --check does not need it.
+
+exit status:
+  {EXIT_OK}  stopped cleanly (SIGTERM or Ctrl-C), or --check passed
+  {EXIT_SETUP}  the database or the model cannot be used, or Discord refused the token or the intents
+  {EXIT_CONFIG}  bad config file or command line, or the token variable is not set
+  {EXIT_UNREACHABLE}  Discord cannot be reached at start (network, DNS or firewall, or a Discord outage)
+Every failure is one line on stderr that says what to change.
+"""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="sdbot",
+        description="A self-hosted Stable Diffusion bot for Discord.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--config", type=Path, default=Path("config.toml"), help="the TOML config file (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="check the config, the database and the model (with one tiny test generation), then exit;"
+        " never connects to Discord",
+    )
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {importlib.metadata.version('sdbot')}")
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sdbot", description="A self-hosted Stable Diffusion bot for Discord.")
-    parser.add_argument("--config", type=Path, default=Path("config.toml"), help="the TOML config file")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     try:
         settings = load_settings(args.config)
-        token = settings.token()
+        token = "" if args.check else settings.token()
     except ConfigError as err:
-        print(f"sdbot: {err}", file=sys.stderr)
-        return 2
+        return fail(str(err), EXIT_CONFIG)
+
+    from bot import preflight
+
+    if args.check:
+        try:
+            preflight.check(settings, args.config, env=os.environ, say=lambda line: print(f"sdbot: {line}"))
+        except preflight.PreflightError as err:
+            return fail(str(err), EXIT_SETUP)
+        print(f"sdbot: all checks passed; start the bot with: sdbot --config {args.config}")
+        return EXIT_OK
+
+    import aiohttp
+    import discord
 
     discord.utils.setup_logging(level=getattr(logging, args.log_level), root=True)
-    # Imported only now: it loads torch, which takes seconds that a config error should not wait for.
-    import sdengine
+    logging.getLogger("discord.client").addFilter(OneLineReconnects())
+    for warning in ("warn_nacl", "warn_dave"):  # the bot has no voice: its missing libraries are no news
+        if hasattr(discord.VoiceClient, warning):
+            setattr(discord.VoiceClient, warning, False)
+    try:
+        # Everything that needs no network, before the login: a broken setup shows at once.
+        preflight.open_database(settings.storage.database)
+        log.info("loading model %r on %s (%s)", settings.model.path, settings.model.device, settings.model.dtype)
+        model = preflight.load_model(settings)
+    except preflight.PreflightError as err:
+        return fail(str(err), EXIT_SETUP)
+    except KeyboardInterrupt:
+        log.info("stopped")
+        return EXIT_OK
+
     from bot.app import SDBot
     from bot.store import StoreError
 
@@ -60,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         for number in stop_signals:
             with contextlib.suppress(NotImplementedError):  # no signal handlers on Windows' event loop
                 loop.add_signal_handler(number, stop, number.name)
-        async with SDBot(settings) as bot:
+        async with SDBot(settings, model=model) as bot:
             await bot.start(token)  # never logged: discord.py sends it only in headers and IDENTIFY
 
     try:
@@ -68,15 +139,64 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, asyncio.CancelledError):
         log.info("stopped")
     except discord.LoginFailure:
-        print(f"sdbot: Discord refused the token in {settings.discord.token_env}: check it", file=sys.stderr)
-        return 1
+        return fail(f"Discord refused the token in {settings.discord.token_env}: check it", EXIT_SETUP)
     except discord.PrivilegedIntentsRequired:
-        print("sdbot: Discord refused the gateway intents: see the README", file=sys.stderr)
-        return 1
-    except (sdengine.ModelLoadError, StoreError) as err:
-        print(f"sdbot: {err}", file=sys.stderr)
-        return 1
-    return 0
+        return fail("Discord refused the gateway intents: see the README", EXIT_SETUP)
+    except aiohttp.ClientConnectionError as err:
+        # Only the login can end here: once connected, discord.py retries lost connections itself.
+        return fail(f"cannot reach Discord at {where(err)} ({why(err)}): check the network", EXIT_UNREACHABLE)
+    except discord.DiscordServerError as err:  # 5xx, after discord.py's own retries
+        return fail(f"Discord is unavailable (HTTP {err.status}): try again later", EXIT_UNREACHABLE)
+    except StoreError as err:  # the second open, in setup_hook, can still meet a newer schema
+        return fail(str(err), EXIT_SETUP)
+    return EXIT_OK
+
+
+def fail(message: str, status: int) -> int:
+    print(f"sdbot: {message}", file=sys.stderr)
+    return status
+
+
+def where(err: aiohttp.ClientConnectionError) -> str:
+    """host:port that failed; for errors that do not say, the REST API's (which tests point at a fake)."""
+    import aiohttp
+    import discord
+    import yarl
+
+    if isinstance(err, aiohttp.ClientConnectorError):
+        return f"{err.host}:{err.port}"
+    url = yarl.URL(discord.http.Route.BASE)
+    return f"{url.host}:{url.port}"
+
+
+def why(err: BaseException) -> str:
+    """A few words for the cause of a connection error, without the traceback."""
+    import aiohttp
+
+    cause = err.os_error if isinstance(err, aiohttp.ClientConnectorError) else err
+    if isinstance(cause, socket.gaierror):
+        return "its name does not resolve"
+    if isinstance(cause, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(cause, TimeoutError):
+        return "timed out"
+    return str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+
+
+class OneLineReconnects(logging.Filter):
+    """discord.py logs each reconnect attempt with `_log.exception`: a traceback per try, for as long as the
+    network is down. Keep it to one warning line that names the cause."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and str(record.msg).startswith("Attempting a reconnect"):
+            error, message = record.exc_info[1], record.getMessage()
+            cause = why(error) if error is not None else "unknown cause"
+            record.msg = f"cannot reach Discord ({cause}): {message[:1].lower()}{message[1:]}"
+            record.args = ()
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
 
 
 if __name__ == "__main__":
