@@ -2,14 +2,23 @@
 
 The asyncio side only ever calls `submit`, `Job.events`, `Job.result`, `Job.cancel`, `stats` and
 `shutdown`; every torch call happens on the worker thread, and events cross back to the event loop with
-`loop.call_soon_threadsafe`.
+`loop.call_soon_threadsafe`. The torch-free types (errors, config, events, stats, `Job`) live in
+`sdengine.jobs` and are re-exported here.
 
 Scheduling, in short:
 - Queued jobs wait in one deque per owner; owners take turns (round-robin), so an owner with ten jobs
   delays an owner with one by at most one job.
 - Between two steps the worker admits queued jobs while the batch has room (`max_batch` images), and
-  drops finished, cancelled or timed-out ones. All running images then share one UNet call per latent
-  shape, each at its own timestep with its own scheduler (continuous batching).
+  drops finished, cancelled or timed-out ones. All running images then share UNet calls of at most
+  `max_batch` images of one latent shape, each at its own timestep with its own scheduler (continuous batching).
+
+Faults:
+- A UNet call that runs out of memory lowers `max_batch` below the images it held and is retried in smaller
+  calls; after `probe_after_steps` full steps without one, `max_batch` tries one image more, up to the
+  configured ceiling. Any other failed call is retried image by image, so only the culprit's job fails.
+- The worker is supervised: an unexpected exception fails the jobs running at that moment and the worker
+  goes on. After `MAX_CRASHES` crashes in a row with no step done in between, or if the thread dies, the
+  executor is down: queued jobs fail, `submit` raises `ExecutorDown` and `stats().down` says so.
 """
 
 from __future__ import annotations
@@ -20,36 +29,60 @@ import itertools
 import logging
 import threading
 import time
-from collections import OrderedDict, deque
-from collections.abc import AsyncIterator
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
 
-from .errors import Cancelled, OutOfMemory, SDEngineError
+from .errors import OutOfMemory, SDEngineError
+from .jobs import (
+    BatchLimit,
+    Done,
+    Event,
+    ExecutorConfig,
+    ExecutorDown,
+    ExecutorStats,
+    Failed,
+    FairQueue,
+    Job,
+    JobCancelled,
+    JobTimeout,
+    Queued,
+    QueueFull,
+    ShuttingDown,
+    Started,
+    Step,
+)
 from .models import Model
 from .pipeline import Plan, Sample, advance, decode, finish, predict_noise, prepare, preview
-from .request import GenerationRequest, GenerationResult
+from .request import GenerationRequest
+
+__all__ = [
+    "MAX_CRASHES",
+    "Done",
+    "Event",
+    "Executor",
+    "ExecutorConfig",
+    "ExecutorDown",
+    "ExecutorStats",
+    "Failed",
+    "Job",
+    "JobCancelled",
+    "JobTimeout",
+    "QueueFull",
+    "Queued",
+    "ShuttingDown",
+    "Started",
+    "Step",
+    "default_max_batch",
+]
 
 log = logging.getLogger(__name__)
 
-
-class QueueFull(SDEngineError):
-    """`submit` was refused because a queue cap was reached. The message says how full it is."""
-
-    def __init__(self, message: str, *, position: int, length: int) -> None:
-        super().__init__(message)
-        self.position = position  # the owner's next job in line, 0 if none
-        self.length = length
-
-
-class ShuttingDown(SDEngineError):
-    """The executor stopped before the job could finish."""
-
-
-class JobTimeout(SDEngineError):
-    """The job ran longer than its time limit."""
+MAX_CRASHES = 3  # worker crashes in a row, with no step done in between, before the executor gives up
+DOWN_MESSAGE = "The generator has stopped working: an admin must restart the bot."
+OUT_OF_MEMORY_MESSAGE = "The GPU ran out of memory for this request: lower the size or count."
 
 
 def default_max_batch(device: torch.device) -> int:
@@ -58,123 +91,22 @@ def default_max_batch(device: torch.device) -> int:
     return {"cuda": 8, "mps": 4}.get(device.type, 1)
 
 
-@dataclass(frozen=True)
-class ExecutorConfig:
-    max_batch: int | None = None  # images per UNet call; None: default_max_batch(device)
-    max_pending_per_owner: int = 3  # queued + running jobs of one owner
-    max_queued: int = 50  # queued jobs of all owners
-    job_timeout: float = 600.0  # seconds a job may run, queue time not counted
-    preview_every: int = 5  # steps between latent previews
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA raises `torch.OutOfMemoryError`; MPS raises a plain `RuntimeError` that says "out of memory"."""
+    return isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc))
 
 
-# Events, in the order a job sees them: Queued* Started Step* then one of Done / Failed / JobCancelled.
-@dataclass(frozen=True)
-class Queued:
-    position: int  # 1 = next to start
-    length: int
+def _engine_error(exc: BaseException) -> SDEngineError:
+    """The error a user sees: engine errors as they are, anything else as one plain sentence."""
+    if isinstance(exc, SDEngineError):
+        return exc
+    if _is_out_of_memory(exc):
+        return OutOfMemory(OUT_OF_MEMORY_MESSAGE)
+    return SDEngineError(f"The generator hit an internal error ({type(exc).__name__}): try again.")
 
 
-@dataclass(frozen=True)
-class Started:
-    batch_size: int  # images running together, this job's included
-
-
-@dataclass(frozen=True)
-class Step:
-    step: int
-    total: int
-    preview: object | None = None  # a small PIL image every `preview_every` steps
-
-
-@dataclass(frozen=True)
-class Done:
-    result: GenerationResult
-
-
-@dataclass(frozen=True)
-class Failed:
-    error: SDEngineError
-
-
-@dataclass(frozen=True)
-class JobCancelled:
-    pass
-
-
-Event = Queued | Started | Step | Done | Failed | JobCancelled
-_TERMINAL = (Done, Failed, JobCancelled)
-
-
-@dataclass(frozen=True)
-class ExecutorStats:
-    queued: int
-    running_jobs: int
-    batch_size: int  # images in the latest UNet step
-    max_batch: int
-    steps_per_second: float  # UNet steps per second over the latest steps
-    completed: int
-    failed: int
-    paused: bool = False
-
-
-class Job:
-    """A submitted request. Await `result()`, or iterate `events()`; `cancel()` works queued or running."""
-
-    def __init__(self, job_id: int, owner: str, request: GenerationRequest, executor: Executor) -> None:
-        self.id = job_id
-        self.owner = owner
-        self.request = request
-        self.submitted_at = time.monotonic()
-        self._executor = executor
-        self._loop = asyncio.get_running_loop()
-        self._events: asyncio.Queue[Event] = asyncio.Queue()
-        self._result: asyncio.Future[GenerationResult] = self._loop.create_future()
-        self._cancel_requested = threading.Event()
-        self.position = 0
-
-    def cancel(self) -> None:
-        """Stop the job: a queued job leaves the queue at once, a running one at the next step."""
-        self._cancel_requested.set()
-        self._executor._cancel_queued(self)
-
-    @property
-    def cancel_requested(self) -> bool:
-        return self._cancel_requested.is_set()
-
-    @property
-    def finished(self) -> bool:
-        return self._result.done()
-
-    async def result(self) -> GenerationResult:
-        """The result; raises `Cancelled`, or the `SDEngineError` that failed the job (e.g. `InvalidRequest`)."""
-        return await asyncio.shield(self._result)
-
-    async def events(self) -> AsyncIterator[Event]:
-        """Every event of this job, ending with its terminal event."""
-        while True:
-            event = await self._events.get()
-            yield event
-            if isinstance(event, _TERMINAL):
-                return
-
-    def _emit(self, event: Event) -> None:
-        """Called from any thread."""
-        self._loop.call_soon_threadsafe(self._deliver, event)
-
-    def _deliver(self, event: Event) -> None:
-        if self._result.done():
-            return  # a job ends once, whichever thread got there first
-        if isinstance(event, Queued):
-            self.position = event.position
-        self._events.put_nowait(event)
-        if isinstance(event, Done):
-            self._result.set_result(event.result)
-        elif isinstance(event, Failed):
-            self._result.set_exception(event.error)
-        elif isinstance(event, JobCancelled):
-            self._result.set_exception(Cancelled("The request was cancelled."))
-        if self._result.done():
-            self._result.exception()  # mark retrieved: nobody has to await a cancelled job
+def _chunks(samples: list[Sample], size: int) -> list[list[Sample]]:
+    return [samples[i : i + size] for i in range(0, len(samples), size)]
 
 
 @dataclass
@@ -194,13 +126,16 @@ class Executor:
     def __init__(self, model: Model, config: ExecutorConfig | None = None) -> None:
         self.model = model
         self.config = config or ExecutorConfig()
-        self.max_batch = self.config.max_batch or default_max_batch(model.device)
+        ceiling = self.config.max_batch or default_max_batch(model.device)
+        self._limit = BatchLimit(ceiling, self.config.probe_after_steps)
         self._lock = threading.Condition()
-        self._queues: OrderedDict[str, deque[Job]] = OrderedDict()  # owner -> jobs; front owner goes next
+        self._queue = FairQueue()
+        self._starting: deque[Job] = deque()  # admitted, not yet running: a crash must not lose them
         self._running: list[_Running] = []
         self._ids = itertools.count(1)
         self._stopping = False
         self._paused = False
+        self._down_reason = ""
         self._completed = 0
         self._failed = 0
         self._batch_size = 0
@@ -208,41 +143,33 @@ class Executor:
         self._thread = threading.Thread(target=self._work, name=f"sdengine-{model.device}", daemon=True)
         self._thread.start()
 
+    @property
+    def max_batch(self) -> int:
+        """Images per UNet call, as learned from out-of-memory errors."""
+        return self._limit.value
+
     # ---- asyncio side -------------------------------------------------------------------------------
 
     def submit(self, request: GenerationRequest, owner: str) -> Job:
-        """Queue a request, or raise `QueueFull`/`ShuttingDown` at once."""
+        """Queue a request, or raise `QueueFull`/`ShuttingDown`/`ExecutorDown` at once."""
         with self._lock:
+            if self._down():
+                raise ExecutorDown(DOWN_MESSAGE)
             if self._stopping:
                 raise ShuttingDown("The generator is shutting down: try again in a minute.")
-            queued = sum(len(q) for q in self._queues.values())
-            mine = len(self._queues.get(owner, ())) + sum(r.job.owner == owner for r in self._running)
-            order = self._order()
-            if mine >= self.config.max_pending_per_owner:
-                first = next((i for i, j in enumerate(order, 1) if j.owner == owner), 0)
-                raise QueueFull(
-                    f"You already have {mine} requests waiting or running (the limit is "
-                    f"{self.config.max_pending_per_owner}): wait for one to finish.",
-                    position=first,
-                    length=queued,
-                )
-            if queued >= self.config.max_queued:
-                raise QueueFull(
-                    f"The queue is full ({queued} requests): try again in a few minutes.",
-                    position=0,
-                    length=queued,
-                )
-            job = Job(next(self._ids), owner, request, self)
-            self._queues.setdefault(owner, deque()).append(job)
-            self._announce_positions()
+            self._queue.check_room(owner, sum(r.job.owner == owner for r in self._running), self.config)
+            job = Job(next(self._ids), owner, request, self._cancel_queued)
+            self._queue.push(job)
+            self._queue.announce_positions()
             self._lock.notify()
         return job
 
     def stats(self) -> ExecutorStats:
         with self._lock:
             times = list(self._step_times)
+            reason = self._down()
             return ExecutorStats(
-                queued=sum(len(q) for q in self._queues.values()),
+                queued=len(self._queue),
                 running_jobs=len(self._running),
                 batch_size=self._batch_size,
                 max_batch=self.max_batch,
@@ -250,12 +177,14 @@ class Executor:
                 completed=self._completed,
                 failed=self._failed,
                 paused=self._paused,
+                down=bool(reason),
+                down_reason=reason,
             )
 
     def queued_jobs(self) -> list[Job]:
         """Queued jobs in the order they will start."""
         with self._lock:
-            return self._order()
+            return self._queue.order()
 
     def running_jobs(self) -> list[Job]:
         with self._lock:
@@ -274,76 +203,106 @@ class Executor:
             self._lock.notify()
         await asyncio.to_thread(self._thread.join)
 
-    # ---- queue bookkeeping (caller holds the lock) ---------------------------------------------------
-
-    def _order(self) -> list[Job]:
-        """Queued jobs in start order: owners take turns, starting with the owner at the front."""
-        lanes = [list(q) for q in self._queues.values()]
-        return [job for rank in itertools.zip_longest(*lanes) for job in rank if job is not None]
-
-    def _announce_positions(self) -> None:
-        order = self._order()
-        for position, job in enumerate(order, 1):
-            if job.position != position:
-                job.position = position
-                job._emit(Queued(position, len(order)))
-
-    def _pop_next(self) -> Job | None:
-        while self._queues:
-            owner, lane = next(iter(self._queues.items()))
-            job = lane.popleft()
-            del self._queues[owner]
-            if lane:
-                self._queues[owner] = lane  # back of the line
-            if not job.cancel_requested:
-                return job
-        return None
+    def _down(self) -> str:
+        """Why the executor is down, or "" while it serves. The caller holds the lock."""
+        if self._down_reason or self._stopping or self._thread.is_alive():
+            return self._down_reason
+        return "the worker thread died"
 
     def _cancel_queued(self, job: Job) -> None:
         with self._lock:
-            lane = self._queues.get(job.owner)
-            if lane is None or job not in lane:
-                return  # running or finished: the worker handles it between steps
-            lane.remove(job)
-            if not lane:
-                del self._queues[job.owner]
-            job._emit(JobCancelled())
-            self._announce_positions()
+            if self._queue.remove(job):  # else running or finished: the worker handles it between steps
+                job._emit(JobCancelled())
+                self._queue.announce_positions()
 
-    # ---- worker thread -------------------------------------------------------------------------------
+    # ---- worker thread: supervision ------------------------------------------------------------------
 
     def _work(self) -> None:
+        """Serve until shutdown. A crash fails the jobs it touched; `MAX_CRASHES` in a row end the worker."""
         torch.set_grad_enabled(False)
-        while True:
+        crashes = 0
+        reason = "the worker thread stopped unexpectedly"
+        try:
+            while True:
+                try:
+                    stepped = self._serve_once()
+                except Exception as exc:
+                    crashes += 1
+                    log.exception("executor worker crashed (%d in a row); failing the jobs it was running", crashes)
+                    self._fail_touched(
+                        f"The generator hit an unexpected error ({type(exc).__name__}) while running this "
+                        "request: try again."
+                    )
+                    if crashes >= MAX_CRASHES:
+                        reason = f"{crashes} crashes in a row, the last {type(exc).__name__}: {exc}"
+                        return
+                    continue
+                if stepped is None:
+                    return
+                if stepped:
+                    crashes = 0
+        finally:
+            if self._stopping:
+                self._fail_everything(ShuttingDown, "The bot shut down before this request finished: send it again.")
+            else:
+                with self._lock:
+                    self._down_reason = reason
+                log.critical("executor is down (%s): every request fails until the bot restarts", reason)
+                self._fail_everything(ExecutorDown, DOWN_MESSAGE)
+
+    def _serve_once(self) -> bool | None:
+        """Admit, start and step once. Returns None when stopping, else whether a step ran."""
+        with self._lock:
+            while not self._stopping and not self._running and (self._paused or not self._queue):
+                self._lock.wait()
+            if self._stopping:
+                return None
+            self._starting.extend(self._admit())
+        while self._starting:
+            self._start(self._starting[0])
             with self._lock:
-                while not self._stopping and not self._running and (self._paused or not self._queues):
-                    self._lock.wait()
-                if self._stopping:
-                    break
-                admitted = self._admit()
-            for job in admitted:
-                self._start(job)
-            self._drop_cancelled_and_late()
-            if self._running:
-                self._step()
-                self._finish_done()
-        self._fail_everything(ShuttingDown("The bot shut down before this request finished: please send it again."))
+                self._starting.popleft()
+        self._drop_cancelled_and_late()
+        if not self._running:
+            return False
+        self._step()
+        self._finish_done()
+        return True
+
+    def _fail_touched(self, message: str) -> None:
+        """Fail the running and starting jobs after a crash: their state is unknown."""
+        with self._lock:
+            jobs = [r.job for r in self._running]
+            jobs += [job for job in self._starting if job not in jobs]
+            self._running.clear()
+            self._starting.clear()
+        for job in jobs:
+            self._fail(job, SDEngineError(message))
+
+    def _fail_everything(self, error: type[ShuttingDown], message: str) -> None:
+        with self._lock:
+            jobs = [r.job for r in self._running] + list(self._starting) + self._queue.clear()
+            self._running.clear()
+            self._starting.clear()
+        for job in jobs:
+            self._fail(job, error(message))
+
+    # ---- worker thread: jobs -------------------------------------------------------------------------
 
     def _admit(self) -> list[Job]:
         """Take queued jobs while the batch has room; a job runs whole, so an empty batch takes any job."""
         admitted: list[Job] = []
         images = sum(len(r.samples) for r in self._running)
-        while self._queues and not self._paused:
-            front = next(iter(self._queues.values()))[0]
+        while (front := self._queue.front()) is not None and not self._paused:
             if (images or admitted) and images + front.request.count > self.max_batch:
                 break
-            job = self._pop_next()
+            job = self._queue.pop()
             if job is None:
                 break
             images += job.request.count
             admitted.append(job)
         if admitted:
-            self._announce_positions()
+            self._queue.announce_positions()
         return admitted
 
     def _start(self, job: Job) -> None:
@@ -370,58 +329,75 @@ class Executor:
                 self._fail(running.job, JobTimeout(f"The request ran longer than {self.config.job_timeout:g} s."))
 
     def _step(self) -> None:
-        """One denoising step for every running image, isolating faults to the job that caused them."""
+        """One denoising step for every running image, failing only the jobs whose images failed."""
         started = time.perf_counter()
         running = list(self._running)
-        predictions = self._predict(running)
-        if isinstance(predictions, Exception):  # the batch failed as a whole: retry each job alone, once
-            self._free_memory()
-            for r in running:
-                alone = self._predict([r])
-                if isinstance(alone, Exception):
-                    self._remove(r)
-                    self._fail(r.job, alone)
-                    if isinstance(alone, OutOfMemory) and self.max_batch > 1:
-                        self.max_batch = max(1, len(running) - 1)  # learn what fits
-                else:
-                    self._advance(r, alone[0])
-        else:
-            for r, noise in zip(running, predictions, strict=True):
-                self._advance(r, noise)
+        ooms = self._limit.ooms
+        predictions = self._predict_all([s for r in running for s in r.samples])
+        for r in running:
+            noise = [predictions[id(s)] for s in r.samples]
+            error = next((n for n in noise if isinstance(n, Exception)), None)
+            if error is not None:
+                self._remove(r)
+                self._fail(r.job, error)
+            else:
+                self._advance(r, [n for n in noise if isinstance(n, torch.Tensor)])
+        images = sum(len(r.samples) for r in running)
+        if self._limit.ooms == ooms:
+            self._limit.quiet_step(images)
         with self._lock:
-            self._batch_size = sum(len(r.samples) for r in running)
+            self._batch_size = images
             self._step_times.append(time.perf_counter() - started)
 
-    def _predict(self, running: list[_Running]) -> list[list[torch.Tensor]] | Exception:
-        """Noise predictions grouped per job, or the error that stopped them. Changes no state."""
-        samples = [s for r in running for s in r.samples]
-        out_of_memory = False
+    def _predict_all(self, samples: list[Sample]) -> dict[int, torch.Tensor | Exception]:
+        """Each sample's noise prediction, or the error that stopped it, keyed by `id(sample)`.
+
+        Calls hold at most `max_batch` images of one shape. A call that runs out of memory lowers `max_batch`
+        and is retried in smaller calls; any other failed call is retried image by image to find the culprit.
+        """
+        by_shape: dict[tuple[int, ...], list[Sample]] = {}
+        for s in samples:
+            by_shape.setdefault((*s.latents.shape, s.embeds.shape[1]), []).append(s)
+        pending = deque(call for group in by_shape.values() for call in _chunks(group, self.max_batch))
+        out: dict[int, torch.Tensor | Exception] = {}
+        while pending:
+            call = pending.popleft()
+            result = self._predict(call)
+            if isinstance(result, list):
+                self._limit.fitted(len(call))
+                out.update(zip(map(id, call), result, strict=True))
+            elif len(call) == 1:
+                out[id(call[0])] = result
+            else:
+                self._free_memory()
+                if isinstance(result, OutOfMemory):
+                    self._limit.out_of_memory(len(call))
+                pending.extendleft(reversed(_chunks(call, self.max_batch if isinstance(result, OutOfMemory) else 1)))
+        return out
+
+    def _predict(self, samples: list[Sample]) -> list[torch.Tensor] | Exception:
+        """Noise predictions of one call, or the error that stopped it. Changes no state."""
         try:
-            flat = predict_noise(self.model, samples)
-        except torch.OutOfMemoryError:
-            out_of_memory = True  # handled outside the except block, so the traceback frees its tensors
+            return predict_noise(self.model, samples)
         except Exception as exc:
-            log.exception("UNet step failed for jobs %s", [r.job.id for r in running])
-            return exc
-        if out_of_memory:
-            return OutOfMemory("The GPU ran out of memory for this request: lower the size or count.")
-        grouped, start = [], 0
-        for r in running:
-            grouped.append(flat[start : start + len(r.samples)])
-            start += len(r.samples)
-        return grouped
+            if not _is_out_of_memory(exc):
+                return exc
+            log.warning("UNet call of %d images ran out of memory (max_batch %d)", len(samples), self.max_batch)
+        # Built outside the except block, so the traceback and the tensors it holds can be freed.
+        return OutOfMemory(OUT_OF_MEMORY_MESSAGE)
 
     def _advance(self, running: _Running, predictions: list[torch.Tensor]) -> None:
         try:
             for sample, noise in zip(running.samples, predictions, strict=True):
                 advance(sample, noise)
         except Exception as exc:
-            log.exception("scheduler step failed for job %s", running.job.id)
             self._remove(running)
             self._fail(running.job, exc)
             return
         sample = running.samples[0]
         show = sample.step % self.config.preview_every == 0 or sample.done
+        # Outside the try: the preview copies to the host, where CUDA reports errors of earlier kernels, which
+        # concern the device rather than this job; the supervisor in `_work` handles them.
         running.job._emit(Step(sample.step, sample.total, preview(sample) if show else None))
 
     def _finish_done(self) -> None:
@@ -450,20 +426,31 @@ class Executor:
                 r.job._emit(Done(result))
 
     def _decode(self, group: list[_Running]) -> list[tuple[_Running, list[Image.Image] | Exception]]:
-        samples = [s for r in group for s in r.samples]
-        try:
-            images = decode(self.model, samples)
-        except Exception as exc:
+        """Decode the group in one call; if that fails, job by job to fail only the culprit."""
+        images = self._decode_samples([s for r in group for s in r.samples])
+        if isinstance(images, Exception):
             if len(group) == 1:
-                return [(group[0], exc)]
-            self._free_memory()
+                return [(group[0], images)]
             return [pair for r in group for pair in self._decode([r])]
         out: list[tuple[_Running, list[Image.Image] | Exception]] = []
         start = 0
         for r in group:
-            out.append((r, list(images[start : start + len(r.samples)])))
+            out.append((r, images[start : start + len(r.samples)]))
             start += len(r.samples)
         return out
+
+    def _decode_samples(self, samples: list[Sample]) -> list[Image.Image] | Exception:
+        """VAE-decode in one call, or one image at a time if that runs out of memory."""
+        try:
+            return decode(self.model, samples)
+        except Exception as exc:
+            if len(samples) == 1 or not _is_out_of_memory(exc):
+                return exc
+        self._free_memory()
+        try:
+            return [image for s in samples for image in decode(self.model, [s])]
+        except Exception as exc:
+            return exc
 
     def _remove(self, running: _Running) -> None:
         with self._lock:
@@ -471,21 +458,18 @@ class Executor:
                 self._running.remove(running)
 
     def _fail(self, job: Job, error: BaseException) -> None:
-        if not isinstance(error, SDEngineError):
-            error = SDEngineError(f"The generator hit an internal error ({type(error).__name__}): try again.")
+        reported = _engine_error(error)
+        if isinstance(reported, OutOfMemory):
+            log.warning("job %s ran out of memory", job.id)
+        elif reported is not error:
+            log.error("job %s failed", job.id, exc_info=error)
         with self._lock:
             self._failed += 1
-        job._emit(Failed(error))
-
-    def _fail_everything(self, error: SDEngineError) -> None:
-        with self._lock:
-            jobs = [r.job for r in self._running] + [j for q in self._queues.values() for j in q]
-            self._running.clear()
-            self._queues.clear()
-        for job in jobs:
-            self._fail(job, error)
+        job._emit(Failed(reported))
 
     def _free_memory(self) -> None:
         gc.collect()
-        if torch.cuda.is_available():
+        if self.model.device.type == "cuda":
             torch.cuda.empty_cache()
+        elif self.model.device.type == "mps":
+            torch.mps.empty_cache()
