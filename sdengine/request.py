@@ -1,15 +1,40 @@
-"""The request and result types that travel the whole way, from the bot to the worker and back."""
+"""The request and result types that travel the whole way, from the bot to the worker and back.
+
+Torch-free, like `errors`, so that the bot, the CLI's argument checks and `import sdengine` stay light.
+"""
 
 from __future__ import annotations
 
+import secrets
 import threading
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from PIL import Image
+from .errors import InvalidRequest
 
+if TYPE_CHECKING:
+    from PIL import Image
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SCHEDULERS = ("lms", "ddim", "euler", "euler_a", "dpmpp_2m")
+# What users call each scheduler, as A1111 names them (also in the PNG `parameters`).
+SCHEDULER_LABELS = {
+    "dpmpp_2m": "DPM++ 2M Karras",
+    "euler_a": "Euler a",
+    "euler": "Euler",
+    "ddim": "DDIM",
+    "lms": "LMS",
+}
+
+# Image i of a request uses seed S+i, and every seed fits in 32 bits, so S+count-1 <= MAX_SEED.
 MAX_SEED = 2**32 - 1
+MAX_PROMPT_CHARS = 2000
+MAX_SIDE = 2048
+MAX_STEPS = 150
+MAX_GUIDANCE = 30.0
+MAX_COUNT = 4
 
 
 @dataclass(frozen=True)
@@ -60,7 +85,7 @@ class GenerationResult:
     model: str
     scheduler: str
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
-    notices: list[str] = field(default_factory=list)  # e.g. prompt truncation
+    notices: list[str] = field(default_factory=list)  # e.g. a long prompt encoded in chunks
     # Per image: flagged by the safety checker. All False when no checker ran. The images are left as they are.
     nsfw: list[bool] = field(default_factory=list)
 
@@ -77,3 +102,51 @@ class CancelToken:
     @property
     def cancelled(self) -> bool:
         return self._event.is_set()
+
+
+def random_seed(count: int = 1) -> int:
+    """A random first seed whose `count` images all get valid seeds (S+count-1 <= MAX_SEED)."""
+    return secrets.randbelow(MAX_SEED + 2 - max(count, 1))
+
+
+def check_request(request: GenerationRequest) -> None:
+    """Reject a request that no model can run, with one sentence that says what to change.
+
+    Needs no model, so callers can run it before a slow model load; `pipeline.check_inputs` adds the checks
+    that depend on the model (its latent scale factor for width and height).
+    """
+    if not _visible(request.prompt):
+        raise InvalidRequest("The prompt is empty: describe the picture you want.")
+    for name, text in (("prompt", request.prompt), ("negative prompt", request.negative)):
+        if len(text) > MAX_PROMPT_CHARS:
+            raise InvalidRequest(f"The {name} has {len(text)} characters: keep it under {MAX_PROMPT_CHARS}.")
+        if "\x00" in text:
+            raise InvalidRequest(f"The {name} contains a NUL character: remove it.")
+    if request.scheduler not in SCHEDULERS:
+        # Clipped: the name comes from the user and the sentence must stay short.
+        raise InvalidRequest(f"Unknown scheduler {request.scheduler[:40]!r}: use one of {', '.join(SCHEDULERS)}.")
+    if not 1 <= request.steps <= MAX_STEPS:
+        raise InvalidRequest(f"Steps must be between 1 and {MAX_STEPS}, not {request.steps}.")
+    if not 0 <= request.guidance <= MAX_GUIDANCE:  # also rejects NaN
+        raise InvalidRequest(f"Guidance must be between 0 and {MAX_GUIDANCE:g}, not {request.guidance}.")
+    if not 1 <= request.count <= MAX_COUNT:
+        raise InvalidRequest(f"Count must be between 1 and {MAX_COUNT}, not {request.count}.")
+    if request.seed is not None:
+        if not 0 <= request.seed <= MAX_SEED:
+            raise InvalidRequest(f"The seed must be between 0 and {MAX_SEED}, not {request.seed}.")
+        if request.seed + request.count - 1 > MAX_SEED:
+            largest = MAX_SEED - request.count + 1
+            raise InvalidRequest(
+                f"With count {request.count} the seed can be at most {largest}, because image i uses seed+i."
+            )
+    if request.image is not None and not 0 < request.strength <= 1:
+        raise InvalidRequest(f"Strength must be above 0 and at most 1, not {request.strength}.")
+    for name, side in (("width", request.width), ("height", request.height)):
+        # The lower bound and the multiple depend on the model's latent scale factor: check_inputs checks them.
+        if side is not None and not 0 < side <= MAX_SIDE:
+            raise InvalidRequest(f"The {name} must be a positive number of pixels up to {MAX_SIDE}, not {side}.")
+
+
+def _visible(text: str) -> bool:
+    """Whether `text` has a character that shows: zero-width spaces, joiners and bidi controls (category Cf) do not."""
+    return any(not char.isspace() and unicodedata.category(char) != "Cf" for char in text)
