@@ -31,6 +31,10 @@ def open_database(path: Path) -> None:
         await store.close()
 
     try:
+        # A path SQLite cannot open at all (a folder, no permission) fails here first: aiosqlite's worker thread
+        # would report that failure after asyncio.run has closed its loop, with a traceback on stderr.
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sqlite3.connect(path).close()
         asyncio.run(open_and_close())
     except StoreError as err:
         raise PreflightError(str(err)) from err
