@@ -8,9 +8,12 @@ the store -> disconnect.
 
 After a crash or `kill -9` nothing is lost. A generation that was queued or running runs again from its row with its
 stored parameters and seed, and shows its progress and result in a new message in its channel (the interaction's
-token may be dead by then). One that was running during `MAX_INTERRUPTIONS` crashes may be what crashes the bot: it
-is failed instead, with a message and a Reroll button. A command that was acknowledged but crashed before its row
-was written is found in the `received` table, and its user is asked to send it again.
+token may be dead by then). One that was started `MAX_ATTEMPTS` times may be what crashes the bot, at whatever stage
+(decoding its image, encoding its prompt, denoising): it is failed instead, with a message and a Reroll button. A
+command, button press or reply that was acknowledged but crashed before its row was written is found in the
+`received` table, and its user is asked to send it again.
+
+Importing this module loads no torch: the executor is imported when the bot starts.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import logging
 import sqlite3
 import time
 from collections.abc import Coroutine, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import discord
 from discord import app_commands, ui
@@ -28,35 +31,70 @@ from discord.ext import commands
 
 import sdengine
 from bot import render
+from bot.buttons import BUTTONS, rerun_view
 from bot.config import Settings
-from bot.generation import DEFAULT_FILESIZE_LIMIT, GenerationService, Output, database_trouble
+from bot.generation import GenerationService
+from bot.output import DEFAULT_FILESIZE_LIMIT, Output
 from bot.render import File
+from bot.replies import BLOCKED, NO_PINGS, SORRY, Interaction, database_trouble, tell, user_message
 from bot.store import Generation, Received, Store
-from bot.views import BUTTONS, NO_PINGS, SORRY, Interaction, RerollButton, tell, user_message
-from sdengine.executor import Executor, ExecutorConfig
+from sdengine.jobs import ExecutorConfig
+
+if TYPE_CHECKING:
+    from sdengine.executor import Executor
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = ("bot.cogs.imagine", "bot.cogs.variations", "bot.cogs.history", "bot.cogs.queue", "bot.cogs.admin")
+EXTENSIONS = (
+    "bot.cogs.imagine",
+    "bot.cogs.variations",
+    "bot.cogs.results",
+    "bot.cogs.history",
+    "bot.cogs.queue",
+    "bot.cogs.admin",
+)
 
-# A generation running during this many crashes is given up rather than run again.
-MAX_INTERRUPTIONS = 3
+# A generation started this many times (each start after a crash counts) is given up rather than run again.
+MAX_ATTEMPTS = 3
 # The commands that start a generation. Each is noted in the `received` table before the cog acknowledges it.
 GENERATION_COMMANDS = ("imagine", "reroll", "Make variations")
 # Seconds a command waits for that note to be written. It normally takes a millisecond; a database stuck longer
 # (locked, disk full) must not make the bot miss Discord's 3-second deadline, so the command then goes on without.
 RECEIPT_WAIT = 1.0
 STOPPING = "I am shutting down for a moment: try again in a minute."
-GIVEN_UP = f"The bot crashed {MAX_INTERRUPTIONS} times while this request ran, so it was not run again."
+GIVEN_UP = f"The bot went down {MAX_ATTEMPTS} times while working on this request, so it was not run again."
+# How the `received` notes name what was lost, for the message that asks to send it again.
+RECEIVED_NAMES = {
+    "Make variations": "“Make variations”",
+    "reroll button": "🔄 Reroll",
+    "vary button": "Vary",
+    "reply": "reply",
+}
 
 
-def intents() -> discord.Intents:
+def receipt(interaction: Interaction, command: str, prompt: str = "") -> Received:
+    """The `received` note of an interaction that starts a generation."""
+    return Received(
+        interaction_id=interaction.id,
+        user_id=interaction.user.id,
+        guild_id=interaction.guild_id,
+        channel_id=interaction.channel_id or 0,
+        command=command,
+        prompt=prompt[:200],
+        received_at=time.time(),
+    )
+
+
+def intents(message_content: bool = False) -> discord.Intents:
     """The least the bot needs: guilds (channels and permissions), and messages in guilds and DMs for replies to
-    images. No privileged intent: Discord shows the content of messages that mention the bot anyway."""
+    images. No privileged intent by default: Discord shows the content of messages that mention the bot anyway,
+    but not the attachments of other people's messages that they reply to; `message_content` (opt-in, and granted
+    in the developer portal) shows those too."""
     wanted = discord.Intents.none()
     wanted.guilds = True
     wanted.guild_messages = True
     wanted.dm_messages = True
+    wanted.message_content = message_content
     return wanted
 
 
@@ -68,11 +106,15 @@ class Tree(app_commands.CommandTree["SDBot"]):
         if refusal is not None:
             await tell(interaction, refusal)
             return False
-        await self.client.note_received(interaction)
+        data: dict[str, Any] = dict(interaction.data or {})
+        command = str(data.get("name", ""))
+        if interaction.type is discord.InteractionType.application_command and command in GENERATION_COMMANDS:
+            prompt = next((o.get("value") for o in data.get("options", ()) if o.get("name") == "prompt"), "")
+            await self.client.note_received(receipt(interaction, command, str(prompt)))
         return True
 
     async def on_error(self, interaction: Interaction, error: app_commands.AppCommandError, /) -> None:
-        await self.client.forget_received(interaction)
+        await self.client.forget_received(interaction.id)
         if interaction.extras.get("error_handled"):  # a cog's handler already answered
             return
         original = error.original if isinstance(error, app_commands.CommandInvokeError) else error
@@ -115,7 +157,7 @@ class SDBot(commands.Bot):
         super().__init__(
             command_prefix=commands.when_mentioned,  # required by commands.Bot; no prefix commands exist
             help_command=None,
-            intents=intents(),
+            intents=intents(settings.discord.message_content),
             allowed_mentions=NO_PINGS,
             tree_cls=Tree,
             **options,
@@ -155,7 +197,7 @@ class SDBot(commands.Bot):
         settings = self.settings
         self._store = await Store.open(settings.storage.database)
         # Before anything new can arrive: what the last run left unfinished, and what it never logged.
-        rerun, given_up = await self._store.recover_unfinished(max_interruptions=MAX_INTERRUPTIONS)
+        rerun, given_up = await self._store.recover_unfinished(max_attempts=MAX_ATTEMPTS)
         lost = await self._store.lost_received()
         if rerun or given_up or lost:
             log.warning(
@@ -175,6 +217,8 @@ class SDBot(commands.Bot):
                 dtype=model.dtype,
                 safety_checker=settings.safety.checker != "off",
             )
+        from sdengine.executor import Executor  # loads torch: only the bot that runs the model needs it
+
         limits = settings.limits
         self._executor = Executor(
             self._model,
@@ -188,6 +232,7 @@ class SDBot(commands.Bot):
         self._generations = GenerationService(
             settings, self._store, self._executor, self._model, progress_interval=self.progress_interval
         )
+        await self._generations.prune_init_images()
         self.add_dynamic_items(*BUTTONS)
 
         # The tasks start in this order, and each queues its job before its first await: the resumed runs keep
@@ -238,59 +283,52 @@ class SDBot(commands.Bot):
             return "I only post pictures in age-restricted channels here."
         return None
 
+    async def not_blocked(self, interaction: Interaction) -> bool:
+        """A cog's `interaction_check`: blocked users get one sentence instead of the command. From memory, so it
+        never delays the acknowledgement."""
+        if not self.store.is_blocked(interaction.user.id):
+            return True
+        interaction.extras["error_handled"] = True  # answered here: the tree's on_error stays quiet on the CheckFailure
+        await tell(interaction, BLOCKED)
+        return False
+
     async def on_message(self, message: discord.Message, /) -> None:
         """No prefix commands: replies to images are handled by the variations cog's listener."""
 
     # ---- crash recovery ------------------------------------------------------------------------------------
 
-    async def note_received(self, interaction: Interaction) -> None:
-        """Note a generation command in the store before its cog acknowledges it (the cog's `defer()` comes after
-        this check), so that a crash before its generation row is written still leaves a trace to report."""
-        data: dict[str, Any] = dict(interaction.data or {})
-        command = str(data.get("name", ""))
-        if interaction.type is not discord.InteractionType.application_command or command not in GENERATION_COMMANDS:
-            return
-        prompt = next((o.get("value") for o in data.get("options", ()) if o.get("name") == "prompt"), "")
-        receipt = Received(
-            interaction_id=interaction.id,
-            user_id=interaction.user.id,
-            guild_id=interaction.guild_id,
-            channel_id=interaction.channel_id or 0,
-            command=command,
-            prompt=str(prompt)[:200],
-            received_at=time.time(),
-        )
-        write = self._spawn(self.store.add_received(receipt))
+    async def note_received(self, note: Received) -> None:
+        """Note something that starts a generation in the store before it is acknowledged (or right after, for a
+        button), so that a crash before its generation row is written still leaves a trace to report."""
+        write = self._spawn(self.store.add_received(note))
         await asyncio.wait({write}, timeout=RECEIPT_WAIT)  # no cancel on timeout: the note is still written
 
-    async def forget_received(self, interaction: Interaction) -> None:
-        """The command is finished (its user got an answer): its note is no longer needed."""
+    async def forget_received(self, source_id: int) -> None:
+        """It is finished (its user got an answer): its note is no longer needed."""
         if self._store is None or self._store_closed:  # at start-up, a note whose row exists is dropped anyway
             return
         try:
-            await self._store.forget_received(interaction.id)
+            await self._store.forget_received(source_id)
         except sqlite3.Error as exc:  # harmless: at start-up, a note whose row exists is dropped
-            log.warning("could not drop the note of interaction %s: %s", interaction.id, exc)
+            log.warning("could not drop the note of %s: %s", source_id, exc)
 
     async def on_app_command_completion(self, interaction: Interaction, command: object) -> None:
-        await self.forget_received(interaction)
+        await self.forget_received(interaction.id)
 
     async def _tell_interrupted(self, given_up: list[Generation], lost: list[Received]) -> None:
         """Post, in their channels, what the last run could not finish and will not run again; each is marked in the
         store only once its user is told, so a crash in between tells them again rather than never."""
         for row in given_up:
-            view = ui.View(timeout=None)
-            view.add_item(RerollButton(row.id))
             await self._post(
                 row.channel_id,
                 row.guild_id,
-                f"**#{row.id}** · <@{row.user_id}>: the bot crashed {MAX_INTERRUPTIONS} times while this request "
-                "ran, so it may be what crashes it and was not run again. 🔄 Reroll tries it with a new seed.",
-                view,
+                f"**#{row.id}** · <@{row.user_id}>: the bot went down {MAX_ATTEMPTS} times while working on this "
+                "request, so it may be what brings it down and was not run again. 🔄 Reroll tries it with a new seed.",
+                rerun_view(row.id),
             )
             await self.store.mark_failed(row.id, GIVEN_UP)
         for receipt in lost:
-            what = f"/{receipt.command}" if receipt.command != "Make variations" else "“Make variations”"
+            what = RECEIVED_NAMES.get(receipt.command, f"/{receipt.command}")
             prompt = f" `{render.clip_escaped(render.one_line(receipt.prompt), 100)}`" if receipt.prompt else ""
             await self._post(
                 receipt.channel_id,
@@ -338,6 +376,7 @@ class SDBot(commands.Bot):
             await self._executor.shutdown()  # fails what is queued or running, with a reason
         if self._generations is not None:
             await self._generations.wait_idle(timeout=10)
+            await self._generations.downloader.close()
         if self._background:
             await asyncio.wait(set(self._background), timeout=10)
         if self._background:  # stuck past the timeout (e.g. on a locked database): give up on them

@@ -44,6 +44,9 @@ class DiscordSettings:
     allowed_channel_ids: tuple[int, ...] = ()  # empty: every channel
     owner_ids: tuple[int, ...] = ()  # bot admins besides members with the Administrator permission
     nsfw_channels_only: bool = False  # post results only in age-restricted channels
+    # The privileged Message Content intent, which the bot must also be granted in the developer portal: with it,
+    # replies to other people's images work too (without it, Discord blanks their attachments for the bot).
+    message_content: bool = False
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,9 @@ class ModelSettings:
 @dataclass(frozen=True)
 class StorageSettings:
     database: Path = Path("sdbot.sqlite3")  # relative to the working directory
+    # Retention of the init images kept for rerolls of variations (the rows stay): 0 turns a rule off.
+    keep_init_images_days: float = 30.0
+    max_init_images_mib: int = 1024
 
 
 @dataclass(frozen=True)
@@ -166,6 +172,7 @@ def parse_settings(data: Mapping[str, Any]) -> Settings:
             allowed_channel_ids=discord.ids("allowed_channel_ids"),
             owner_ids=discord.ids("owner_ids"),
             nsfw_channels_only=discord.flag("nsfw_channels_only", DiscordSettings.nsfw_channels_only),
+            message_content=discord.flag("message_content", DiscordSettings.message_content),
         ),
         model=ModelSettings(
             path=model.text("path", ModelSettings.path, allow_empty=False),
@@ -174,6 +181,12 @@ def parse_settings(data: Mapping[str, Any]) -> Settings:
         ),
         storage=StorageSettings(
             database=Path(storage.text("database", str(StorageSettings.database), allow_empty=False)),
+            keep_init_images_days=storage.number(
+                "keep_init_images_days", StorageSettings.keep_init_images_days, 0.0, 36_500.0
+            ),
+            max_init_images_mib=storage.integer(
+                "max_init_images_mib", StorageSettings.max_init_images_mib, 0, 1024 * 1024
+            ),
         ),
         defaults=DefaultSettings(
             steps=default_steps,

@@ -1,72 +1,64 @@
 """Run one generation end to end, whatever started it: a slash command, a reply, a context menu or a button.
 
-    fetch the init image -> log the row -> validate -> executor.submit -> progress edits -> result + buttons
+    log the row -> check it (limits, cost, cooldown, caps) -> fetch the init image -> executor.submit
+    -> progress edits -> result + buttons -> mark the row
 
-Every request gets its row before anything can go wrong, so a rejected one is logged with its reason too.
-`Output` hides where the messages go: the interaction's response while its token lives, else a channel message.
+Every request gets its row before anything can go wrong, so a refused one is logged with its reason too; and it is
+refused before anything is downloaded, so a refusal costs nothing but that row.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
-import io
 import logging
-import math
 import sqlite3
-import time
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import replace
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import discord
 from PIL import Image
 
 import sdengine
 from bot import render
+from bot.access import Place
+from bot.buttons import progress_view, result_view
 from bot.config import Settings
+from bot.download import Downloader, ImageSource, InitImage
+from bot.output import Output
+from bot.policy import Policy, black_out_flagged, random_seed
+from bot.progress import Painter
 from bot.render import File
+from bot.replies import BLOCKED, SORRY, UserError, database_trouble
 from bot.store import Generation, Kind, NewGeneration, Store
-from bot.views import (
-    BLOCKED,
-    NO_PINGS,
-    SORRY,
-    Interaction,
-    UserError,
-    plain,
-    progress_view,
-    random_seed,
-    result_view,
-    tell,
-)
-from sdengine.executor import Done, Executor, Failed, Job, JobCancelled, Queued, QueueFull, ShuttingDown, Started, Step
+from sdengine.jobs import Done, Failed, Job, JobCancelled, Queued, Started, Step
+
+if TYPE_CHECKING:  # the executor module loads torch; the bot only holds one, made by the app
+    from sdengine.executor import Executor
 
 log = logging.getLogger(__name__)
 
-TOKEN_LIFETIME = dt.timedelta(minutes=14)  # Discord's is 15; keep a margin for a slow upload
 # A status write that fails (the database locked past its busy_timeout, or the disk full) is tried this often, this
 # many seconds apart. The run goes on meanwhile: a row left unfinished is run again after the next restart.
 DB_TRIES = 3
 DB_RETRY_DELAY = 1.0
-DEFAULT_FILESIZE_LIMIT = 10 * 1024 * 1024
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif")
-
-ImageSource = discord.Attachment | str  # an attachment, or the URL of an embed's image
 
 
-def _mib(size: int) -> str:
-    return f"{size / 2**20:.1f} MiB"
+@dataclass(frozen=True)
+class Redraw:
+    """An init image that is no longer attached anywhere: drawn again from its stored seed, as the first stage of
+    the variation, under the variation's own id (so /cancel, purges and blocks reach it)."""
+
+    request: sdengine.GenerationRequest
 
 
-def _file(name: str, data: bytes) -> discord.File:
-    return discord.File(io.BytesIO(data), filename=name)
+@dataclass(frozen=True)
+class LiveJob:
+    """A generation queued or running in the executor, and where it was asked for."""
 
-
-def _token_gone(error: discord.HTTPException) -> bool:
-    """401 / 50027 Invalid Webhook Token, or 10015 Unknown Webhook: the interaction can no longer post."""
-    return error.status == 401 or error.code in (50027, 10015)
+    job: Job
+    made: Place
 
 
 def prompt_in_png(data: bytes) -> str:
@@ -76,167 +68,6 @@ def prompt_in_png(data: bytes) -> str:
     except Exception:  # not a PNG, or a broken one: no prompt to reuse
         return ""
     return parameters.split("\n", 1)[0].strip() if parameters else ""
-
-
-class Output:
-    """Where one generation shows its progress and its result, and tells the user what went wrong.
-
-    For an interaction, that is its response while the 15-minute token lives, then a message in the channel.
-    For a message (a reply to an image), it is a reply to that message, edited as the generation goes.
-    """
-
-    def __init__(
-        self,
-        channel: discord.abc.Messageable | None,
-        *,
-        channel_id: int,
-        guild_id: int | None,
-        filesize_limit: int,
-        interaction: Interaction | None = None,
-        reply_to: discord.Message | None = None,
-    ) -> None:
-        self.channel_id = channel_id
-        self.guild_id = guild_id
-        self.filesize_limit = filesize_limit
-        self.interaction = interaction
-        self.message: discord.Message | None = None  # our own channel message, once we post one
-        self._channel = channel
-        self._reply_to = reply_to
-        self._token_dead = interaction is None
-        self._progress_broken = False  # an edit failed (message deleted, no permission): stop progress edits
-
-    @classmethod
-    def for_interaction(cls, interaction: Interaction) -> Output:
-        channel = interaction.channel
-        return cls(
-            channel if isinstance(channel, discord.abc.Messageable) else None,
-            channel_id=interaction.channel_id or 0,
-            guild_id=interaction.guild_id,
-            filesize_limit=interaction.filesize_limit,
-            interaction=interaction,
-        )
-
-    @classmethod
-    def for_message(cls, message: discord.Message) -> Output:
-        guild = message.guild
-        return cls(
-            message.channel,
-            channel_id=message.channel.id,
-            guild_id=guild.id if guild else None,
-            filesize_limit=guild.filesize_limit if guild else DEFAULT_FILESIZE_LIMIT,
-            reply_to=message,
-        )
-
-    @property
-    def interaction_id(self) -> int | None:
-        return self.interaction.id if self.interaction else None
-
-    @property
-    def age_restricted(self) -> bool:
-        """Whether the channel is marked age-restricted (NSFW) in Discord; a thread follows its parent."""
-        is_nsfw = getattr(self._channel, "is_nsfw", None)
-        return callable(is_nsfw) and bool(is_nsfw())
-
-    async def show(
-        self, content: str, files: Sequence[File] = (), view: discord.ui.View | None = None, *, final: bool = False
-    ) -> discord.Message | None:
-        """Put `content`, `files` and `view` on the message. Progress (`final=False`) is best effort: after an
-        error it stops. A final message that cannot replace the progress message is posted as a new one."""
-        if self._progress_broken and not final:
-            return None
-        try:
-            return await self._put(content, files, view)
-        except discord.HTTPException as exc:
-            log.warning("could not update the message in channel %s: %s", self.channel_id, exc)
-            if not final:
-                self._progress_broken = True
-                return None
-        self._token_dead, self.message = True, None
-        try:
-            return await self._put(content, files, view)
-        except discord.HTTPException as exc:
-            log.warning("could not post the result in channel %s: %s", self.channel_id, exc)
-            return None
-
-    async def _put(self, content: str, files: Sequence[File], view: discord.ui.View | None) -> discord.Message:
-        interaction = self.interaction
-        if interaction is not None and not self._token_dead:
-            if discord.utils.utcnow() - interaction.created_at < TOKEN_LIFETIME:
-                try:
-                    return await interaction.edit_original_response(
-                        content=content,
-                        attachments=[_file(name, data) for name, data in files],
-                        view=view,
-                        allowed_mentions=NO_PINGS,
-                    )
-                except discord.HTTPException as exc:
-                    if not _token_gone(exc):
-                        raise
-                    log.info("interaction %s can no longer post (%s): using the channel", interaction.id, exc)
-            self._token_dead = True
-        if self.message is not None:
-            return await self.message.edit(
-                content=content,
-                attachments=[_file(name, data) for name, data in files],
-                view=view,
-                allowed_mentions=NO_PINGS,
-            )
-        if self._channel is None:
-            raise discord.ClientException("there is no channel to post in")
-        extra: dict[str, Any] = {}
-        if view is not None:
-            extra["view"] = view
-        if self._reply_to is not None:
-            extra["reference"] = self._reply_to.to_reference(fail_if_not_exists=False)
-            extra["mention_author"] = False
-        self.message = await self._channel.send(
-            content, files=[_file(name, data) for name, data in files], allowed_mentions=NO_PINGS, **extra
-        )
-        return self.message
-
-    async def reject(self, sentence: str) -> None:
-        """Tell the user one plain sentence: ephemeral for an interaction, a reply for a message."""
-        if self.interaction is not None:
-            await tell(self.interaction, sentence)
-        else:
-            await self.show(plain(sentence), final=True)
-
-
-class _Painter:
-    """Shows the latest progress at most once per `interval` seconds, without holding up the event reader."""
-
-    def __init__(self, output: Output, view: discord.ui.View, interval: float) -> None:
-        self._output = output
-        self._view = view
-        self._interval = interval
-        self._latest: tuple[str, list[File]] = ("", [])
-        self._wake = asyncio.Event()
-        self._busy = False
-        self._closed = False
-        self._task = asyncio.create_task(self._run(), name="sdbot-progress")
-
-    def paint(self, content: str, files: list[File]) -> None:
-        self._latest = (content, files)
-        self._wake.set()
-
-    async def _run(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            self._busy = True
-            await self._output.show(*self._latest, self._view)
-            self._busy = False
-            if self._closed:
-                return
-            await asyncio.sleep(self._interval)  # the throttle
-
-    async def close(self) -> None:
-        """Stop painting. An edit in flight finishes first, so it cannot land after the result."""
-        self._closed = True
-        if not self._busy:
-            self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
 
 
 class GenerationService:
@@ -255,25 +86,11 @@ class GenerationService:
         self.store = store
         self.executor = executor
         self.model = model
+        self.policy = Policy(settings, model)
+        self.downloader = Downloader(settings.limits.max_image_bytes)
         self.progress_interval = progress_interval
-        self.jobs: dict[int, Job] = {}  # generation id -> its job, while queued or running
-        self._last_submit: dict[int, float] = {}  # user id -> time.monotonic() of their last accepted request
+        self.live: dict[int, LiveJob] = {}  # generation id -> its job, while queued or running
         self._tasks: set[asyncio.Task[Any]] = set()
-
-        # The NSFW policy: check results with the model's safety checker (unless configured off), and black out
-        # what it flags outside age-restricted channels. Without one, discord.nsfw_channels_only is the only guard.
-        checker = settings.safety.checker
-        if checker == "on" and model.safety_checker is None:
-            raise sdengine.ModelLoadError(
-                f'safety.checker is "on" but the model {model.name!r} has no safety_checker and feature_extractor '
-                'folders: use a model folder that has them, or set safety.checker to "auto" or "off".'
-            )
-        self.safety_checks = checker != "off" and model.safety_checker is not None
-        if not self.safety_checks and not settings.discord.nsfw_channels_only:
-            log.warning(
-                "no NSFW safety checker runs and discord.nsfw_channels_only is false: "
-                "results are posted unfiltered in every allowed channel"
-            )
 
     # ---- entry points ------------------------------------------------------------------------------------
 
@@ -284,7 +101,7 @@ class GenerationService:
         *,
         kind: Kind,
         user: discord.abc.User,
-        image: ImageSource | None = None,
+        image: ImageSource | Redraw | None = None,
         parent_id: int | None = None,
         notes: Sequence[str] = (),
         problem: str | None = None,
@@ -292,23 +109,14 @@ class GenerationService:
         """Run `request` (with the init image from `image`, if given) and show it on `output`; returns the
         generation id, or None when the database refused to log it (the user is told). Problems the user can fix
         are logged in the row and told to them, never raised; `problem` is one the caller found already. A blocked
-        user gets a UserError before anything is downloaded, logged or queued."""
-        await self.refuse_blocked(user.id)
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
-        try:
+        user gets a UserError before anything is logged or queued."""
+        self.refuse_blocked(user.id)
+        with self._tracked():
             return await self._run(request, output, kind, user, image, parent_id, notes, problem)
-        finally:
-            if task is not None:
-                self._tasks.discard(task)
 
-    async def rerun(self, interaction: Interaction, gen_id: int, *, seed: int | None) -> None:
-        """Run stored generation `gen_id` again with `seed`, or with its stored seed: an exact reproduction."""
-        await self.refuse_blocked(interaction.user.id)
-        row = await self.store.get(gen_id)
-        if row is None:
-            raise UserError(f"There is no generation #{gen_id}.")
+    async def rerun(self, row: Generation, output: Output, user: discord.abc.User, *, seed: int | None) -> None:
+        """Run stored generation `row` again with `seed`, or with its stored seed: an exact reproduction. The
+        caller has checked that `user` may (`access.may_rerun`)."""
         if seed is not None:
             notes = [f"Rerun of #{row.id} with seed {seed}."]
         elif row.seed is None:
@@ -321,35 +129,20 @@ class GenerationService:
                     "so the picture will differ."
                 )
         request = self.request_from_row(row, seed=seed)
-        await self.run(
-            request,
-            Output.for_interaction(interaction),
-            kind="reroll",
-            user=interaction.user,
-            parent_id=row.id,
-            notes=notes,
-        )
+        await self.run(request, output, kind="reroll", user=user, parent_id=row.id, notes=notes)
 
-    async def vary(self, interaction: Interaction, gen_id: int, index: int) -> None:
-        """Variations of image `index` of a result: its attachment on the pressed message, or redrawn from its seed."""
-        await self.refuse_blocked(interaction.user.id)  # before a redraw could spend GPU time on them
-        row = await self.store.get(gen_id)
-        if row is None:
-            raise UserError(f"There is no generation #{gen_id}.")
-        name = render.image_name(gen_id, index)
-        message = interaction.message
-        attachment = next((a for a in message.attachments if a.filename == name), None) if message else None
+    async def vary(self, row: Generation, index: int, output: Output, user: discord.abc.User, pressed: Any) -> None:
+        """Variations of image `index` of a result: its attachment on the pressed message, or redrawn from its seed.
+        The caller has checked that `user` may (`access.may_rerun`)."""
+        name = render.image_name(row.id, index)
+        attachment = next((a for a in pressed.attachments if a.filename == name), None) if pressed else None
         request = self.variation_request(row.prompt, row)
+        source: ImageSource | Redraw | None = attachment
         if attachment is None:  # left out for size, or the message lost it: draw it again from the stored seed
-            request = replace(request, image=await self._redraw(row, index, str(interaction.user.id)))
-        await self.run(
-            request,
-            Output.for_interaction(interaction),
-            kind="variation",
-            user=interaction.user,
-            image=attachment,
-            parent_id=row.id,
-        )
+            seed = row.seeds[index] if index < len(row.seeds) else (row.seed or 0) + index
+            # Never shown, only fed to the variation (which is checked itself): no need for the safety checker.
+            source = Redraw(replace(self.request_from_row(row, seed=seed), count=1, safety_check=False))
+        await self.run(request, output, kind="variation", user=user, image=source, parent_id=row.id)
 
     async def resume(self, row: Generation, output: Output) -> None:
         """Run a generation that a crash interrupted again, from its row (back to queued, see
@@ -357,37 +150,42 @@ class GenerationService:
 
         It is queued before the first await, so the resumed runs of a start keep their order, ahead of new requests.
         """
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
-        try:
+        with self._tracked():
             log.info("#%d resumed after a restart", row.id)
             # No stored seed only for a row that was never going to run; any seed then.
-            request = self.request_from_row(row, seed=random_seed() if row.seed is None else row.seed)
+            try:
+                request = self.request_from_row(row, seed=random_seed() if row.seed is None else row.seed)
+            except UserError as exc:
+                sentence = str(exc)
+                await output.reject(sentence)
+                await self._save(row.id, lambda: self.store.mark_failed(row.id, sentence))
+                return
+            made = Place.of(row)
             # The cooldown cannot refuse it: at start-up no request has set one yet.
-            await self._queue_and_follow(row.id, request, output, row.user_id, (), None, resumed=True)
-        finally:
-            if task is not None:
-                self._tasks.discard(task)
+            await self._queue_and_follow(row.id, request, output, made, (), None, resumed=True)
 
-    async def refuse_blocked(self, user_id: int) -> None:
+    def refuse_blocked(self, user_id: int) -> None:
         """Raise the blocked sentence for a user an admin blocked. Their requests get no row: like the channel
         allowlist, a block refuses them before they become requests, so a blocked user cannot fill the database."""
-        if await self.store.is_blocked(user_id):
+        if self.store.is_blocked(user_id):
             raise UserError(BLOCKED)
 
     def cancel(self, gen_id: int) -> bool:
         """Cancel a queued or running generation; False if it is neither."""
-        job = self.jobs.get(gen_id)
-        if job is None:
+        live = self.live.get(gen_id)
+        if live is None:
             return False
-        job.cancel()
+        live.job.cancel()
         return True
 
     # ---- requests ------------------------------------------------------------------------------------------
 
     def request_from_row(self, row: Generation, *, seed: int) -> sdengine.GenerationRequest:
         """The request that made `row`, with `seed`; a variation keeps its stored init image."""
+        if row.strength is not None and row.init_image is None:  # image-to-image, but the image is gone
+            raise UserError(
+                f"The image that #{row.id} started from is no longer kept: make variations of a picture again."
+            )
         return sdengine.GenerationRequest(
             prompt=row.prompt,
             negative=row.negative,
@@ -417,70 +215,35 @@ class GenerationService:
             strength=self.settings.defaults.strength,
         )
 
-    def problem(self, request: sdengine.GenerationRequest, user_id: int) -> str | None:
-        """Why `request` may not run here, in one sentence; None if it may."""
-        try:
-            sdengine.check_inputs(self.model, request)
-        except sdengine.InvalidRequest as exc:
-            return str(exc)
+    def room(self, user_id: int) -> str | None:
+        """Why the queue would refuse one more request of `user_id` now, or None: checked before a download."""
+        owner = str(user_id)
         limits = self.settings.limits
-        if request.steps > limits.max_steps:
-            return f"Steps can be at most {limits.max_steps} here, not {request.steps}."
-        if request.count > limits.max_count:
-            return f"At most {limits.max_count} images per request here, not {request.count}."
-        for name, side in (("width", request.width), ("height", request.height)):
-            if side is not None and side > limits.max_side:
-                return f"The {name} can be at most {limits.max_side} pixels here, not {side}."
-        # An init image's size is only known in the worker; it keeps about the native area, so cost that.
-        width = request.width or self.model.native_size
-        height = request.height or self.model.native_size
-        if width * height * request.steps * request.count > limits.max_cost:
-            images = "1 image" if request.count == 1 else f"{request.count} images"
+        mine = sum(live.job.owner == owner for live in self.live.values())
+        if mine >= limits.max_pending_per_user:
             return (
-                f"{images} of {width}x{height} at {request.steps} steps is more work than allowed here: "
-                "lower the steps, the size or the count."
+                f"You already have {mine} requests waiting or running (the limit is {limits.max_pending_per_user}): "
+                "wait for one to finish."
             )
-        return self.cooldown(user_id)
-
-    def cooldown(self, user_id: int) -> str | None:
-        """The cooldown sentence while the user must still wait after their last accepted request, else None."""
-        wait = self._last_submit.get(user_id, -math.inf) + self.settings.limits.cooldown_seconds - time.monotonic()
-        if wait > 0:
-            return f"You are on cooldown: try again in {math.ceil(wait)} s."
+        stats = self.executor.stats()
+        if stats.down:
+            return "The generator has stopped working: an admin must restart me."
+        if stats.queued >= limits.max_queue:
+            return f"The queue is full ({stats.queued} requests): try again in a few minutes."
         return None
 
-    # ---- images -----------------------------------------------------------------------------------------
-
-    async def fetch_image(self, source: ImageSource) -> bytes:
-        """Download an init image, checking its size and type before and its contents after."""
-        limit = self.settings.limits.max_image_bytes
-        if isinstance(source, discord.Attachment):
-            if source.size > limit:
-                raise UserError(f"The image is {_mib(source.size)}: attach one under {_mib(limit)}.")
-            content_type = (source.content_type or "").split(";")[0].strip()
-            if not (content_type.startswith("image/") or source.filename.lower().endswith(IMAGE_SUFFIXES)):
-                raise UserError("That file is not an image: attach a PNG, JPEG, WebP or GIF.")
-            try:
-                data = await source.read()
-            except discord.HTTPException as exc:
-                raise UserError("I could not download that image: attach it again.") from exc
-        else:
-            data = await _download(source, limit)
+    async def prune_init_images(self) -> None:
+        """Apply the retention of stored init images (`[storage]`), so that the database cannot grow without bound."""
+        storage = self.settings.storage
         try:
-            await asyncio.to_thread(sdengine.decode_image, data, max_bytes=limit)
-        except sdengine.InvalidRequest as exc:  # reported now, not after waiting in the queue
-            raise UserError(str(exc)) from exc
-        return data
-
-    async def _redraw(self, row: Generation, index: int, owner: str) -> bytes:
-        seed = row.seeds[index] if index < len(row.seeds) else (row.seed or 0) + index
-        # Never shown, only fed to the variation (which is checked itself): no need for the safety checker.
-        request = replace(self.request_from_row(row, seed=seed), count=1, safety_check=False)
-        try:
-            result = await self.executor.submit(request, owner=owner).result()
-        except sdengine.SDEngineError as exc:
-            raise UserError(f"That image is no longer attached and I could not redraw it: {exc}") from exc
-        return result.pngs[0]
+            pruned = await self.store.prune_init_images(
+                max_age=storage.keep_init_images_days * 86_400, max_bytes=storage.max_init_images_mib * 2**20
+            )
+        except sqlite3.Error as exc:  # tried again after the next stored image
+            log.warning("could not prune the stored init images: %s", exc)
+            return
+        if pruned:
+            log.info("dropped %d stored init images past their retention", pruned)
 
     # ---- the run itself ------------------------------------------------------------------------------------
 
@@ -490,24 +253,15 @@ class GenerationService:
         output: Output,
         kind: Kind,
         user: discord.abc.User,
-        image: ImageSource | None,
+        image: ImageSource | Redraw | None,
         parent_id: int | None,
         notes: Sequence[str],
         problem: str | None,
     ) -> int | None:
-        # 1. Fetch the init image; a bad file is logged and reported like any other bad input. A user on cooldown
-        #    is refused first, so repeating a request with a big attachment costs no downloads.
-        problem = problem or self.cooldown(user.id)
-        if image is not None and problem is None:
-            try:
-                request = replace(request, image=await self.fetch_image(image))
-            except UserError as exc:
-                problem = str(exc)
-        if request.image is not None and not request.prompt.strip():
-            request = replace(request, prompt=prompt_in_png(request.image))
-
-        # 2. Log the request. Discord caps integer options at 2**53, but a forged or stale payload is only capped
-        #    by Python: clamp what SQLite's 64-bit integers cannot hold; the reason keeps the value as sent.
+        made = Place(user.id, output.guild_id, output.channel_id)
+        # 1. Log the request, without its init image: a request refused below keeps its row and nothing more.
+        #    Discord caps integer options at 2**53, but a forged or stale payload is only capped by Python: clamp
+        #    what SQLite's 64-bit integers cannot hold; the reason keeps the value as sent.
         try:
             gen_id = await self.store.add(
                 NewGeneration(
@@ -515,7 +269,8 @@ class GenerationService:
                     user_id=user.id,
                     guild_id=output.guild_id,
                     channel_id=output.channel_id,
-                    interaction_id=output.interaction_id,
+                    interaction_id=output.interaction.id if output.interaction else None,
+                    source_id=output.source_id,
                     prompt=request.prompt,
                     negative=request.negative,
                     scheduler=request.scheduler,
@@ -524,7 +279,7 @@ class GenerationService:
                     width=request.width,
                     height=request.height,
                     count=_int64(request.count),
-                    strength=request.strength if request.image is not None else None,
+                    strength=request.strength if image is not None or request.image is not None else None,
                     seed=None if request.seed is None else _int64(request.seed),
                     model=self.model.name,
                     init_image=request.image,
@@ -537,30 +292,75 @@ class GenerationService:
             return None
         log.info("#%d %s by user %s: %r (seed %s)", gen_id, kind, user.id, request.prompt, request.seed)
 
-        await self._queue_and_follow(gen_id, request, output, user.id, notes, problem)
+        # 2. Check it before any download: the limits, the cost, the cooldown and the room in the queue. A prompt
+        #    left empty may still come from the image's own parameters, so the prompt is judged once that is known.
+        if problem is None:
+            pending = replace(request, prompt=request.prompt or "an image") if image is not None else request
+            problem = self.policy.problem(pending, user.id) or self.room(user.id)
+
+        # 3. Fetch the init image and keep it with the row.
+        if problem is None and image is not None:
+            try:
+                init = await self._init_image(gen_id, image, made)
+            except sdengine.Cancelled:
+                await self._cancelled(gen_id, output)
+                return gen_id
+            except UserError as exc:
+                problem = str(exc)
+            else:
+                width, height = request.width, request.height
+                if not (width and height):
+                    width, height = self.policy.image_size(init.width, init.height)
+                prompt = request.prompt or prompt_in_png(init.data)
+                request = replace(request, image=init.data, width=width, height=height, prompt=prompt)
+                await self._save(
+                    gen_id,
+                    lambda: self.store.attach_image(gen_id, init.data, width=width, height=height, prompt=prompt),
+                )
+                await self.prune_init_images()
+
+        await self._queue_and_follow(gen_id, request, output, made, notes, problem)
         return gen_id
+
+    async def _init_image(self, gen_id: int, image: ImageSource | Redraw, made: Place) -> InitImage:
+        if not isinstance(image, Redraw):
+            return await self.downloader.fetch(image, made.user_id)
+        try:
+            job = self.executor.submit(image.request, owner=str(made.user_id))
+        except sdengine.SDEngineError as exc:
+            raise UserError(str(exc)) from exc
+        self.live[gen_id] = LiveJob(job, made)
+        try:
+            result = await job.result()
+        except sdengine.Cancelled:
+            raise
+        except sdengine.SDEngineError as exc:
+            raise UserError(f"That image is no longer attached and I could not redraw it: {exc}") from exc
+        finally:
+            del self.live[gen_id]
+        return InitImage(result.pngs[0], result.width, result.height)
 
     async def _queue_and_follow(
         self,
         gen_id: int,
         request: sdengine.GenerationRequest,
         output: Output,
-        user_id: int,
+        made: Place,
         notes: Sequence[str],
         problem: str | None,
         *,
         resumed: bool = False,
     ) -> None:
-        """Steps 3 and 4 of a run, for a request with a row; `resume` starts here."""
-        # 3. Validate and queue
+        """Steps 4 and 5 of a run, for a request with a row; `resume` starts here."""
+        # 4. Validate and queue
         try:
-            problem = problem or self.problem(request, user_id)
+            problem = problem or self.policy.problem(request, made.user_id)
             if problem is not None:
                 raise UserError(problem)
             # Age-restricted channels take any result, so the checker only runs where it could change something.
-            checked = self.safety_checks and not output.age_restricted
-            job = self.executor.submit(replace(request, safety_check=checked), owner=str(user_id))
-        except (UserError, QueueFull, ShuttingDown) as exc:
+            checked = self.policy.safety_checks and not output.age_restricted
+            job = self.executor.submit(replace(request, safety_check=checked), owner=str(made.user_id))
+        except (UserError, sdengine.SDEngineError) as exc:  # the caps, a shutdown, a generator that is down
             log.info("#%d rejected: %s", gen_id, exc)
             sentence = str(exc)
             # The user first, the row after: a crash in between runs it again rather than leave them waiting.
@@ -568,10 +368,10 @@ class GenerationService:
             await self._save(gen_id, lambda: self.store.mark_failed(gen_id, sentence))
             return
         if not resumed:  # a run resumed after a restart is no new request: it starts no cooldown
-            self._last_submit[user_id] = time.monotonic()
+            self.policy.accepted(made.user_id)
 
-        # 4. Follow it to the end
-        self.jobs[gen_id] = job
+        # 5. Follow it to the end
+        self.live[gen_id] = LiveJob(job, made)
         try:
             # A latent preview can show what the checker would black out: none where results are checked.
             await self._follow(gen_id, job, output, notes, previews=not checked)
@@ -580,12 +380,12 @@ class GenerationService:
             await output.show(f"**#{gen_id}** · {SORRY}", final=True)
             await self._save(gen_id, lambda: self.store.mark_failed(gen_id, "internal error in the bot"))
         finally:
-            del self.jobs[gen_id]
+            del self.live[gen_id]
             if not job.finished:
                 job.cancel()
 
     async def _follow(self, gen_id: int, job: Job, output: Output, notes: Sequence[str], *, previews: bool) -> None:
-        painter = _Painter(output, progress_view(gen_id), self.progress_interval)
+        painter = Painter(output, progress_view(gen_id), self.progress_interval)
         preview: list[File] = []
         end: Done | Failed | JobCancelled | None = None
         try:
@@ -613,9 +413,12 @@ class GenerationService:
             await output.show(f"**#{gen_id}** · {reason}", final=True)  # the user first, as in _queue_and_follow
             await self._save(gen_id, lambda: self.store.mark_failed(gen_id, reason))
         elif isinstance(end, JobCancelled):
-            log.info("#%d cancelled", gen_id)
-            await self._save(gen_id, lambda: self.store.mark_cancelled(gen_id))
-            await output.show(f"**#{gen_id}** · cancelled.", final=True)
+            await self._cancelled(gen_id, output)
+
+    async def _cancelled(self, gen_id: int, output: Output) -> None:
+        log.info("#%d cancelled", gen_id)
+        await self._save(gen_id, lambda: self.store.mark_cancelled(gen_id))
+        await output.show(f"**#{gen_id}** · cancelled.", final=True)
 
     async def _deliver(
         self,
@@ -625,7 +428,7 @@ class GenerationService:
         output: Output,
         notes: Sequence[str],
     ) -> None:
-        pictures, pngs, safety_notes = await asyncio.to_thread(_black_out_flagged, result)
+        pictures, pngs, safety_notes = await asyncio.to_thread(black_out_flagged, result)
         if safety_notes:
             log.info("#%d: the safety checker flagged images %s", gen_id, [i for i, f in enumerate(result.nsfw) if f])
         images = [(render.image_name(gen_id, i), data) for i, data in enumerate(pngs)]
@@ -652,6 +455,10 @@ class GenerationService:
             notes=notes,
         )
         message = await output.show(content, kept, result_view(gen_id, len(result.pngs)), final=True)
+        if message is None:  # nowhere to show it: the row must not claim it was delivered
+            reason = f"The picture was made but could not be posted: /reroll {gen_id} draws it again."
+            await self._save(gen_id, lambda: self.store.mark_failed(gen_id, reason))
+            return
         await self._save(
             gen_id,
             lambda: self.store.mark_done(
@@ -661,7 +468,7 @@ class GenerationService:
                 height=result.height,
                 timings=result.timings,
                 notices=[*result.notices, *safety_notes],
-                message_id=message.id if message else None,
+                message_id=message.id,
             ),
         )
         log.info("#%d done: seeds %s in %s", gen_id, result.seeds, result.timings)
@@ -678,6 +485,18 @@ class GenerationService:
             if attempt < tries:
                 await asyncio.sleep(DB_RETRY_DELAY)  # a pause between tries, not a wait for something
 
+    @contextlib.contextmanager
+    def _tracked(self) -> Iterator[None]:
+        """Count the current task as a run in flight, for `wait_idle`."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        try:
+            yield
+        finally:
+            if task is not None:
+                self._tasks.discard(task)
+
     async def wait_idle(self, timeout: float) -> None:
         """Wait for runs in flight to finish their bookkeeping (the executor has failed or finished their jobs)."""
         tasks = {task for task in self._tasks if task is not asyncio.current_task()}
@@ -685,58 +504,10 @@ class GenerationService:
             await asyncio.wait(tasks, timeout=timeout)
 
 
-def database_trouble(error: sqlite3.Error) -> str:
-    """The sentence for a user whose request the database refused: busy (another program holds its lock longer
-    than the busy_timeout), or not writable (the disk is full, or an I/O error)."""
-    if getattr(error, "sqlite_errorname", "").startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
-        return "My database is busy, so I could not take your request: try again in a minute."
-    return "My database cannot be written to right now (the disk may be full), so I could not take your request."
-
-
 def _grid_png(images: Sequence[Image.Image]) -> bytes:
     return render.png(render.grid(images))
-
-
-def _black_out_flagged(result: sdengine.GenerationResult) -> tuple[list[Image.Image], list[bytes], list[str]]:
-    """The result's images and PNGs with those the safety checker flagged replaced by black, and a note that says so.
-
-    The engine only flags; it ran the checker only where the destination is not age-restricted."""
-    flagged = [i for i, flag in enumerate(result.nsfw) if flag]
-    if not flagged:
-        return list(result.images), list(result.pngs), []
-    images, pngs = list(result.images), list(result.pngs)
-    for i in flagged:
-        images[i] = Image.new("RGB", images[i].size)  # black; the message and the row keep the parameters
-        pngs[i] = render.png(images[i])
-    numbers = ", ".join(str(i + 1) for i in flagged)
-    if len(images) == 1:
-        subject = "The image was"
-    else:
-        subject = (
-            f"Image {numbers} of {len(images)} was" if len(flagged) == 1 else f"Images {numbers} of {len(images)} were"
-        )
-    note = (
-        f"{subject} flagged as NSFW by the safety checker and blacked out: "
-        "such results only show in age-restricted channels."
-    )
-    return images, pngs, [note]
 
 
 def _int64(number: int) -> int:
     """`number` clamped into SQLite's signed 64-bit integers."""
     return max(-(2**63), min(number, 2**63 - 1))
-
-
-async def _download(url: str, limit: int) -> bytes:
-    """An embed's image, read up to `limit` bytes: there is no size to check before downloading it."""
-    try:
-        async with aiohttp.ClientSession() as session, session.get(url) as response:
-            response.raise_for_status()
-            data = bytearray()
-            async for chunk in response.content.iter_chunked(64 * 1024):
-                data += chunk
-                if len(data) > limit:
-                    raise UserError(f"The image is over {_mib(limit)}: use a smaller one.")
-    except aiohttp.ClientError as exc:
-        raise UserError("I could not download that image: attach it instead.") from exc
-    return bytes(data)

@@ -72,6 +72,19 @@ def aspect_size(aspect: str, native: int, step: int, max_side: int) -> tuple[int
     )
 
 
+def fit_aspect(aspect: float, native: int, step: int, max_side: int) -> tuple[int, int]:
+    """Width and height for a width/height ratio at about the model's native area (native²), both multiples of
+    `step`, and the whole shrunk (keeping the ratio) to fit `max_side`. An 8:1 init image on a 512 model and a
+    768 limit gives 768x96, not 1448x184."""
+    width, height = native * aspect**0.5, native / aspect**0.5
+    fit = min(1.0, max_side / max(width, height))
+    largest = max(step, max_side // step * step)
+    return (
+        min(largest, max(step, round(width * fit / step) * step)),
+        min(largest, max(step, round(height * fit / step) * step)),
+    )
+
+
 def grid(images: Sequence[Image.Image]) -> Image.Image:
     """Images side by side: 1x2 for two, 2x2 for three or four (like Midjourney), in reading order."""
     columns = 1 if len(images) == 1 else 2

@@ -22,90 +22,14 @@ from typing import Any, Literal, Self
 
 import aiosqlite
 
+from bot.migrations import StoreError as StoreError  # re-exported: callers catch it from here
+from bot.migrations import migrate
+
 log = logging.getLogger(__name__)
 
 Kind = Literal["imagine", "variation", "reroll"]
 Status = Literal["queued", "running", "done", "failed", "cancelled"]
 UNFINISHED: tuple[Status, ...] = ("queued", "running")
-
-# Numbered schema migrations: MIGRATIONS[n - 1] brings the database to `PRAGMA user_version` n.
-# Never edit a released one; append a new one.
-MIGRATIONS: list[str] = [
-    # 1: the generation log
-    """
-    CREATE TABLE generations (
-        id             INTEGER PRIMARY KEY,
-        kind           TEXT    NOT NULL CHECK (kind IN ('imagine', 'variation', 'reroll')),
-        user_id        INTEGER NOT NULL,
-        guild_id       INTEGER,            -- NULL in DMs
-        channel_id     INTEGER NOT NULL,
-        interaction_id INTEGER,            -- NULL when started from a message reply
-        message_id     INTEGER,            -- the result message, once posted
-        prompt         TEXT    NOT NULL,
-        negative       TEXT    NOT NULL,
-        scheduler      TEXT    NOT NULL,
-        steps          INTEGER NOT NULL,
-        guidance       REAL    NOT NULL,
-        width          INTEGER,            -- NULL until resolved (the model's native size)
-        height         INTEGER,
-        count          INTEGER NOT NULL,
-        strength       REAL,               -- variations only
-        seed           INTEGER,            -- requested or first seed; NULL until resolved
-        seeds          TEXT    NOT NULL DEFAULT '[]',   -- JSON list, one seed per image
-        model          TEXT    NOT NULL,
-        init_image     BLOB,               -- kept so that rerolls of a variation work
-        parent_id      INTEGER REFERENCES generations (id),
-        status         TEXT    NOT NULL DEFAULT 'queued'
-                       CHECK (status IN ('queued', 'running', 'done', 'failed', 'cancelled')),
-        reason         TEXT,
-        created_at     REAL    NOT NULL,   -- unix seconds
-        started_at     REAL,
-        finished_at    REAL,
-        timings        TEXT    NOT NULL DEFAULT '{}',   -- JSON object: seconds per phase
-        notices        TEXT    NOT NULL DEFAULT '[]'    -- JSON list of strings
-    );
-    CREATE INDEX generations_user ON generations (user_id, id);
-    CREATE INDEX generations_status ON generations (status);
-    """,
-    # 2: users blocked by an admin, and the audit log of admin actions
-    """
-    CREATE TABLE blocked_users (
-        user_id    INTEGER PRIMARY KEY,
-        blocked_by INTEGER NOT NULL,
-        reason     TEXT    NOT NULL DEFAULT '',
-        created_at REAL    NOT NULL
-    );
-    CREATE TABLE admin_actions (
-        id         INTEGER PRIMARY KEY,
-        actor_id   INTEGER NOT NULL,      -- who did it
-        action     TEXT    NOT NULL,      -- pause, resume, cancel, purge, block, unblock
-        target     INTEGER,               -- the user or generation acted on
-        detail     TEXT    NOT NULL DEFAULT '',
-        guild_id   INTEGER,               -- where it was done; NULL in DMs
-        created_at REAL    NOT NULL
-    );
-    """,
-    # 3: crash recovery. `interruptions` counts the crashes a generation was running in, so that one that keeps
-    # crashing the bot is given up. `received` holds the slash commands acknowledged but not yet finished, so that
-    # one whose generation row was never written is still reported after a crash.
-    """
-    ALTER TABLE generations ADD COLUMN interruptions INTEGER NOT NULL DEFAULT 0;
-    CREATE INDEX generations_interaction ON generations (interaction_id);
-    CREATE TABLE received (
-        interaction_id INTEGER PRIMARY KEY,
-        user_id        INTEGER NOT NULL,
-        guild_id       INTEGER,            -- NULL in DMs
-        channel_id     INTEGER NOT NULL,
-        command        TEXT    NOT NULL,
-        prompt         TEXT    NOT NULL DEFAULT '',
-        received_at    REAL    NOT NULL
-    );
-    """,
-]
-
-
-class StoreError(Exception):
-    """The database cannot be used by this version of sdbot."""
 
 
 @dataclass(frozen=True)
@@ -142,6 +66,7 @@ class NewGeneration:
     model: str
     guild_id: int | None = None
     interaction_id: int | None = None
+    source_id: int | None = None  # the interaction or message that asked for it
     width: int | None = None
     height: int | None = None
     count: int = 1
@@ -183,6 +108,9 @@ class Generation:
     finished_at: float | None
     timings: dict[str, float]
     notices: list[str]
+    attempts: int = 1
+    source_id: int | None = None
+    image_pruned: bool = False
 
     @property
     def finished(self) -> bool:
@@ -193,8 +121,8 @@ class Generation:
 _COLUMNS = ", ".join(f.name for f in fields(Generation))
 _NEW_COLUMNS = [f.name for f in fields(NewGeneration)]
 _INSERT = (
-    f"INSERT INTO generations ({', '.join(_NEW_COLUMNS)}, status, created_at) "
-    f"VALUES ({', '.join('?' for _ in _NEW_COLUMNS)}, 'queued', ?)"
+    f"INSERT INTO generations ({', '.join(_NEW_COLUMNS)}, status, attempts, created_at) "
+    f"VALUES ({', '.join('?' for _ in _NEW_COLUMNS)}, 'queued', 1, ?)"
 )
 _SELECT = f"SELECT {_COLUMNS} FROM generations"
 _IS_UNFINISHED = "status IN ('queued', 'running')"  # finished rows are never changed back by a late update
@@ -203,9 +131,10 @@ _IS_UNFINISHED = "status IN ('queued', 'running')"  # finished rows are never ch
 class Store:
     """The generation log. Open with `await Store.open(path)`; every write commits before it returns."""
 
-    def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
+    def __init__(self, db: aiosqlite.Connection, path: Path, blocked: set[int]) -> None:
         self._db = db
         self._lock = asyncio.Lock()
+        self._blocked = blocked  # kept in memory: checked before every acknowledgement, which cannot wait
         self.path = path
 
     @classmethod
@@ -225,11 +154,12 @@ class Store:
             await db.execute("PRAGMA synchronous = NORMAL")  # safe with WAL; fsync only at checkpoints
             await db.execute("PRAGMA busy_timeout = 5000")
             await db.execute("PRAGMA foreign_keys = ON")
-            await _migrate(db, path)
+            await migrate(db, path)
+            blocked = {user_id for (user_id,) in await db.execute_fetchall("SELECT user_id FROM blocked_users")}
         except BaseException:
             await db.close()
             raise
-        return cls(db, path)
+        return cls(db, path, blocked)
 
     async def close(self) -> None:
         await self._db.close()
@@ -288,9 +218,42 @@ class Store:
             ),
         )
 
-    async def set_message(self, id: int, message_id: int) -> bool:
-        """Remember the message that shows the result (posted after the row is done)."""
-        return await self._update("UPDATE generations SET message_id = ? WHERE id = ?", (message_id, id))
+    async def attach_image(self, id: int, image: bytes, *, width: int, height: int, prompt: str) -> bool:
+        """Keep the init image of a request that passed its checks, with the size it is drawn at and the prompt
+        (which may have come from the image)."""
+        return await self._update(
+            "UPDATE generations SET init_image = ?, width = ?, height = ?, prompt = ?"
+            f" WHERE id = ? AND {_IS_UNFINISHED}",
+            (image, width, height, prompt, id),
+        )
+
+    async def prune_init_images(self, *, max_age: float, max_bytes: int) -> int:
+        """Drop the init images of finished rows older than `max_age` seconds, then the oldest ones until the rest
+        hold at most `max_bytes`; 0 turns either rule off. Returns how many were dropped. Their rows stay."""
+        pruned = 0
+        finished = f"init_image IS NOT NULL AND NOT ({_IS_UNFINISHED})"
+        async with self._lock:
+            if max_age:
+                cursor = await self._db.execute(
+                    f"UPDATE generations SET init_image = NULL, image_pruned = 1 WHERE {finished}"
+                    " AND created_at < ?",
+                    (time.time() - max_age,),
+                )
+                pruned += cursor.rowcount
+            if max_bytes:
+                rows = await self._db.execute_fetchall(
+                    f"SELECT id, length(init_image) FROM generations WHERE {finished} ORDER BY id DESC"
+                )
+                total, drop = 0, []
+                for id, size in rows:
+                    total += size
+                    if total > max_bytes:
+                        drop.append((id,))
+                await self._db.executemany(
+                    "UPDATE generations SET init_image = NULL, image_pruned = 1 WHERE id = ?", drop
+                )
+                pruned += len(drop)
+        return pruned
 
     async def mark_failed(self, id: int, reason: str) -> bool:
         return await self._finish(id, "failed", reason)
@@ -340,10 +303,6 @@ class Store:
             row = await cursor.fetchone()
         return int(row[0]) if row else 0
 
-    async def unfinished(self) -> list[Generation]:
-        """Queued or running rows, oldest first."""
-        return await self._select(f"{_SELECT} WHERE {_IS_UNFINISHED} ORDER BY id")
-
     # Helpers
 
     async def _update(self, sql: str, params: tuple[Any, ...]) -> bool:
@@ -370,15 +329,18 @@ class Store:
                 "INSERT OR IGNORE INTO blocked_users (user_id, blocked_by, reason, created_at) VALUES (?, ?, ?, ?)",
                 (user_id, by, reason, time.time()),
             )
+            self._blocked.add(user_id)  # after the commit: a block that failed to save is not in force either
         return cursor.rowcount > 0
 
     async def unblock(self, user_id: int) -> bool:
         """False if the user was not blocked."""
-        return await self._update("DELETE FROM blocked_users WHERE user_id = ?", (user_id,))
+        lifted = await self._update("DELETE FROM blocked_users WHERE user_id = ?", (user_id,))
+        self._blocked.discard(user_id)
+        return lifted
 
-    async def is_blocked(self, user_id: int) -> bool:
-        async with self._db.execute("SELECT 1 FROM blocked_users WHERE user_id = ?", (user_id,)) as cursor:
-            return await cursor.fetchone() is not None
+    def is_blocked(self, user_id: int) -> bool:
+        """From memory: the table is read at open and kept in step by `block` and `unblock`."""
+        return user_id in self._blocked
 
     async def blocked_users(self) -> list[BlockedUser]:
         """Everyone blocked, longest blocked first."""
@@ -408,28 +370,29 @@ class Store:
 
     # Crash recovery
 
-    async def recover_unfinished(self, *, max_interruptions: int) -> tuple[list[Generation], list[Generation]]:
+    async def recover_unfinished(self, *, max_attempts: int) -> tuple[list[Generation], list[Generation]]:
         """At start-up after a crash: the rows left queued or running, as (to run again, to give up), oldest first.
 
-        In one transaction, each running row counts one more interruption and goes back to queued. A row interrupted
-        `max_interruptions` times is to be given up (it may be what crashes the bot): it stays queued until the
-        caller has told its user and marks it failed, so that a crash in between tells them at the next start.
+        In one transaction, every such row goes back to queued, and those to run again count their next attempt
+        now, before any work on them starts. A row that was started `max_attempts` times is to be given up (it may
+        be what crashes the bot, at whatever stage): it stays queued until the caller has told its user and marks
+        it failed, so that a crash in between tells them at the next start.
         """
         async with self._lock:
             await self._db.execute("BEGIN IMMEDIATE")
             try:
-                await self._db.execute(
-                    "UPDATE generations SET status = 'queued', interruptions = interruptions + 1"
-                    " WHERE status = 'running'"
-                )
-                rows = await self._select(f"{_SELECT} WHERE {_IS_UNFINISHED} ORDER BY id")
                 given_up = {
                     id
                     for (id,) in await self._db.execute_fetchall(
-                        f"SELECT id FROM generations WHERE {_IS_UNFINISHED} AND interruptions >= ?",
-                        (max_interruptions,),
+                        f"SELECT id FROM generations WHERE {_IS_UNFINISHED} AND attempts >= ?", (max_attempts,)
                     )
                 }
+                await self._db.execute(
+                    "UPDATE generations SET status = 'queued', attempts = attempts + (attempts < ?)"
+                    f" WHERE {_IS_UNFINISHED}",
+                    (max_attempts,),
+                )
+                rows = await self._select(f"{_SELECT} WHERE {_IS_UNFINISHED} ORDER BY id")
             except BaseException:
                 await self._db.rollback()
                 raise
@@ -437,7 +400,8 @@ class Store:
         return [r for r in rows if r.id not in given_up], [r for r in rows if r.id in given_up]
 
     async def add_received(self, received: Received) -> None:
-        """Note an acknowledged command until it finishes (`forget_received`); see `take_lost_received`."""
+        """Note an acknowledged command, button press or reply until it finishes (`forget_received`); see
+        `lost_received`."""
         async with self._lock:
             await self._db.execute(
                 "INSERT OR IGNORE INTO received"
@@ -455,7 +419,7 @@ class Store:
         async with self._lock:
             await self._db.execute(
                 "DELETE FROM received"
-                " WHERE EXISTS (SELECT 1 FROM generations g WHERE g.interaction_id = received.interaction_id)"
+                " WHERE EXISTS (SELECT 1 FROM generations g WHERE g.source_id = received.interaction_id)"
             )
         rows = await self._db.execute_fetchall(
             "SELECT interaction_id, user_id, guild_id, channel_id, command, prompt, received_at FROM received"
@@ -466,9 +430,9 @@ class Store:
 
 @dataclass(frozen=True)
 class Received:
-    """A slash command the bot acknowledged, noted before its generation row exists."""
+    """A command, button press or reply the bot acknowledged, noted before its generation row exists."""
 
-    interaction_id: int
+    interaction_id: int  # or, for a reply, its message id
     user_id: int
     guild_id: int | None
     channel_id: int
@@ -486,26 +450,5 @@ def _generation(row: sqlite3.Row) -> Generation:
     values = dict(zip(row.keys(), row, strict=True))
     for name in ("seeds", "timings", "notices"):
         values[name] = json.loads(values[name])
+    values["image_pruned"] = bool(values["image_pruned"])
     return Generation(**values)
-
-
-async def _migrate(db: aiosqlite.Connection, path: Path) -> None:
-    """Run the migrations the database has not seen yet, each in its own transaction."""
-    async with db.execute("PRAGMA user_version") as cursor:
-        row = await cursor.fetchone()
-    version = int(row[0]) if row else 0
-    if version > len(MIGRATIONS):
-        raise StoreError(
-            f"database '{path}' has schema version {version}, newer than this sdbot knows ({len(MIGRATIONS)}):"
-            " upgrade sdbot or use another [storage] database"
-        )
-    for number in range(version + 1, len(MIGRATIONS) + 1):
-        log.info("Migrating %s to schema version %d", path, number)
-        # user_version is part of the transaction, so a failed migration leaves the version unchanged.
-        script = f"BEGIN IMMEDIATE;\n{MIGRATIONS[number - 1]}\nPRAGMA user_version = {number};\nCOMMIT;"
-        try:
-            await db.executescript(script)
-        except BaseException:
-            if db.in_transaction:
-                await db.rollback()
-            raise

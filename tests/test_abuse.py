@@ -26,7 +26,7 @@ from PIL import Image, PngImagePlugin
 
 import sdengine
 from bot import render
-from bot.views import plain
+from bot.replies import plain
 from tests.botharness import Harness, fake_fixture, harness_fixture, result_id
 from tests.fakediscord import FakeAttachment, FakeDiscord, FakeInteraction, FakeMessage
 

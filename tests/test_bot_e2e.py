@@ -14,6 +14,7 @@ import pytest
 
 import sdengine
 from bot.__main__ import main
+from bot.cogs.results import NOT_YOURS
 from bot.store import NewGeneration
 from tests.botharness import (
     Harness,
@@ -171,10 +172,11 @@ async def test_buttons_work_after_a_restart(harness: Harness) -> None:
         row = await harness.wait_row(result_id(varied) or 0, lambda r: r.status == "done")
         assert row.kind == "variation" and row.init_image == result.attachments[2].data
 
-        # Delete: only the requester or an admin.
+        # Delete: only the requester or a moderator. The press is acknowledged first, then refused.
         refused = await fake.message_component(f"gen:{gen_id}:delete", result, user=fake.bob)
+        assert (await refused.wait_callback()).type == 6
         await refused.wait_message(lambda m: m.ephemeral)
-        assert only_ephemeral_sentence(refused.messages) == "Only the requester can delete this."
+        assert [m.content for m in refused.messages if m.ephemeral] == [NOT_YOURS.format(what="delete")]
         assert not result.deleted
         await fake.message_component(f"gen:{gen_id}:delete", result, user=fake.admin)
         await fake.wait_for(lambda: result.deleted)
@@ -202,10 +204,12 @@ async def test_reroll_with_the_stored_seed_gives_identical_pixels(harness: Harne
         row = await harness.wait_row(result_id(varied) or 0, lambda r: r.status == "done")
         assert row.init_image == image and row.parent_id == gen_id
 
-        # Someone else's generation is not theirs to rerun.
-        refused = await fake.slash_command("reroll", {"id": gen_id}, user=fake.bob)
+        # Someone else may rerun it where it was posted, and nowhere else.
+        theirs = await harness.result_of(await fake.slash_command("reroll", {"id": gen_id}, user=fake.bob))
+        assert np.array_equal(pixels(theirs.attachments[0].data), pixels(image))
+        refused = await fake.slash_command("reroll", {"id": gen_id}, user=fake.bob, channel=fake.nsfw_channel)
         await refused.wait_message(lambda m: m.ephemeral)
-        assert only_ephemeral_sentence(refused.messages) == f"You have no generation #{gen_id}: /history lists yours."
+        assert only_ephemeral_sentence(refused.messages).startswith(f"You have no generation #{gen_id} here:")
 
 
 async def test_history_lists_the_users_generations_in_pages(harness: Harness) -> None:
@@ -261,7 +265,7 @@ async def test_cancel_a_queued_job_with_its_button_and_a_running_one_with_slash_
 
         refused = await fake.message_component(cancel_id, progress, user=fake.bob)
         await refused.wait_message(lambda m: m.ephemeral)
-        assert only_ephemeral_sentence(refused.messages) == "Only the requester can cancel this."
+        assert [m.content for m in refused.messages if m.ephemeral] == [NOT_YOURS.format(what="cancel")]
         press = await fake.message_component(cancel_id, progress)
         assert (await press.wait_callback()).type == 6
         await fake.wait_for(lambda: "cancelled" in progress.content and not progress.components)

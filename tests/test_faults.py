@@ -129,7 +129,7 @@ async def test_a_job_that_outlives_its_interaction_token_posts_its_result_in_the
     assert any(r.status == 401 for r in fake.find_requests("PATCH", r"/messages/@original$"))
 
 
-async def test_a_result_that_cannot_be_posted_anywhere_is_logged_quietly(
+async def test_a_result_that_cannot_be_posted_anywhere_is_logged_quietly_and_not_marked_done(
     harness: Harness, caplog: pytest.LogCaptureFixture
 ) -> None:
     fake, db = harness.fake, harness.settings.storage.database
@@ -138,16 +138,17 @@ async def test_a_result_that_cannot_be_posted_anywhere_is_logged_quietly(
     forbidden = fake.fail_next("POST", r"/channels/\d+/messages$", 403, times=1000)
     async with harness.running():
         inter = await fake.slash_command("imagine", {"prompt": "a locked door"})
-        await wait_until(lambda: query(db, "SELECT status FROM generations") == [("done",)])
+        await wait_until(lambda: query(db, "SELECT status FROM generations") == [("failed",)])
         (row,) = await harness.rows_of(fake.alice.id)
         assert deleted.hits >= 1 and forbidden.hits >= 1
         # The bot stays up and serves the next request once Discord lets it post again.
         deleted.times = deleted.hits
         forbidden.times = forbidden.hits
         again = await harness.result_of(await fake.slash_command("imagine", {"prompt": "an open door"}))
-    assert row.status == "done" and row.message_id is None  # generated, but nowhere to show it
+    # Generated, but nowhere to show it: the row must not say it was delivered.
+    assert row.status == "failed" and row.message_id is None and "could not be posted" in (row.reason or "")
     assert result_id(again) is not None and inter.callbacks[0].status == 200
-    warnings = [r.getMessage() for r in caplog.records if r.name == "bot.generation" and r.levelname == "WARNING"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "bot.output" and r.levelname == "WARNING"]
     assert any("could not post the result" in w and "Missing Permissions" in w for w in warnings)
     # (the `fake` fixture fails the test on any ERROR log line, which would carry a traceback)
 
@@ -238,7 +239,7 @@ async def test_a_full_disk_refuses_new_requests_clearly_and_the_bot_stays_up(tmp
         async with BotProcess.start(fake, config, tmp_path / "bot.log") as bot:
             first = await fake.slash_command("imagine", {"prompt": "a sandcastle"})
             assert result_id(await first.wait_message(lambda m: result_id(m) is not None, timeout=60)) == 1
-            await wait_until(lambda: query(db, "SELECT status FROM generations") == [("done",)])
+            await wait_until(lambda: query(db, "SELECT status FROM generations") == [("failed",)])
             _, hard = resource.prlimit(bot.pid, resource.RLIMIT_FSIZE)
             resource.prlimit(bot.pid, resource.RLIMIT_FSIZE, (wal.stat().st_size, hard))
 

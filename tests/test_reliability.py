@@ -25,7 +25,7 @@ import pytest_asyncio
 
 import sdengine
 from bench.load import run_load
-from bot.app import STOPPING
+from bot.app import GIVEN_UP, STOPPING
 from bot.store import NewGeneration, Received, Store
 from sdengine import Model
 from tests.botharness import GatedUNet, Harness, custom_ids, fake_fixture, result_id, write_settings
@@ -316,16 +316,17 @@ async def test_after_a_crash_each_request_is_run_again_given_up_or_reported(
     async with await Store.open(db) as store:
         resumed = await store.add(request("a sunrise", 42))  # was running during one crash
         await store.mark_running(resumed)
-        poison = await store.add(request("a poison pill", 1))  # was running during two crashes, and now a third
-        await store.mark_running(poison)
+        # Started three times, and each start took the process down while it was still queued (decoding its init
+        # image, encoding its prompt): never running, yet it must not be started a fourth time.
+        poison = await store.add(request("a poison pill", 1))
         # Acknowledged, but the crash came before its row was written.
         await store.add_received(Received(777, fake.bob.id, fake.guild.id, fake.channel.id, "imagine", "a ghost", 0.0))
     with contextlib.closing(sqlite3.connect(db)) as connection, connection:
-        connection.execute("UPDATE generations SET interruptions = 2 WHERE id = ?", (poison,))
+        connection.execute("UPDATE generations SET attempts = 3 WHERE id = ?", (poison,))
 
     async with BotProcess.start(fake, config, tmp_path / "bot.log") as bot:
         result = await fake.wait_for(lambda: next((m for m in fake.messages if result_id(m) == resumed), None), 60)
-        given_up = await fake.wait_for(lambda: next((m for m in fake.messages if "crashed 3 times" in m.content), None))
+        given_up = await fake.wait_for(lambda: next((m for m in fake.messages if "down 3 times" in m.content), None))
         lost = await fake.wait_for(lambda: next((m for m in fake.messages if LOST in m.content), None))
         bot.send_signal(signal.SIGTERM)
         assert await bot.wait() == 0
@@ -341,9 +342,6 @@ async def test_after_a_crash_each_request_is_run_again_given_up_or_reported(
     assert lost.content == f"<@{fake.bob.id}>: your /imagine `a ghost` {LOST}: please send it again."
     for message in (result, given_up, lost):
         assert message.raw["allowed_mentions"]["parse"] == [] and message.reference is None
-    rows = query(db, "SELECT id, status, reason, interruptions FROM generations ORDER BY id")
-    assert rows == [
-        (resumed, "done", None, 1),
-        (poison, "failed", "The bot crashed 3 times while this request ran, so it was not run again.", 3),
-    ]
+    rows = query(db, "SELECT id, status, reason, attempts FROM generations ORDER BY id")
+    assert rows == [(resumed, "done", None, 2), (poison, "failed", GIVEN_UP, 3)]
     assert query(db, "SELECT * FROM received") == []

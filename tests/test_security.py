@@ -27,8 +27,8 @@ from transformers import CLIPConfig, CLIPImageProcessorPil
 import sdengine
 from bot.__main__ import main
 from bot.config import ConfigError, Settings, load_settings, parse_settings
+from bot.replies import BLOCKED
 from bot.store import Store
-from bot.views import BLOCKED
 from sdengine import GenerationRequest, Model, SafetyChecker, generate, load_model, save_model
 from tests.botharness import Harness, fake_fixture, harness_fixture, png, result_id, write_settings
 from tests.fakediscord import FakeDiscord, FakeInteraction, FakeMessage, FakeRole
@@ -255,7 +255,7 @@ async def test_admin_commands_are_hidden_from_members_and_refused_when_discord_l
                 inter = await fake.slash_command(name, options, user=user, check_permissions=False)
                 assert await sentence(inter) == ADMIN_REFUSED, (user.username, name)
         assert not bot.executor.stats().paused
-        assert not await bot.store.is_blocked(fake.alice.id)
+        assert not bot.store.is_blocked(fake.alice.id)
         assert await bot.store.admin_actions() == []
         refusals = [r for r in caplog.records if r.getMessage().startswith("refused /admin")]
         assert len(refusals) == 2 * len(attempts)
@@ -511,4 +511,5 @@ async def test_blocks_live_in_sqlite(tmp_path: Path) -> None:
     async with await Store.open(path) as store:
         (blocked,) = await store.blocked_users()
         assert (blocked.user_id, blocked.blocked_by, blocked.reason) == (42, 1, "spam")
-        assert await store.unblock(42) and not await store.is_blocked(42) and not await store.unblock(42)
+        assert store.is_blocked(42) and not store.is_blocked(43)  # read into memory at open
+        assert await store.unblock(42) and not store.is_blocked(42) and not await store.unblock(42)

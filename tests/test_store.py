@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from bot import store as store_module
-from bot.store import MIGRATIONS, Generation, NewGeneration, Store, StoreError
+from bot import migrations as store_module
+from bot.migrations import MIGRATIONS
+from bot.store import Generation, NewGeneration, Store, StoreError
 
 SNOWFLAKE = 1_234_567_890_123_456_789  # a realistic Discord id, above 2**53
 
@@ -187,18 +188,11 @@ async def test_done_path(store: Store) -> None:
     assert not await store.mark_done(gen_id, seeds=[1], width=8, height=8, timings={}, notices=[])
     assert await store.get(gen_id) == done
 
-    # The result message may still be set or replaced afterwards.
-    assert await store.set_message(gen_id, SNOWFLAKE)
-    moved = await store.get(gen_id)
-    assert moved is not None and moved.message_id == SNOWFLAKE and moved.status == "done"
-    assert not await store.set_message(999, 1)
 
-
-async def test_mark_done_resolves_a_random_seed_and_keeps_an_earlier_message(store: Store) -> None:
+async def test_mark_done_resolves_a_random_seed(store: Store) -> None:
     gen_id = await store.add(new())
-    assert await store.set_message(gen_id, 99)  # e.g. the progress message, posted while queued
     await store.mark_running(gen_id)
-    await store.mark_done(gen_id, seeds=[777, 778], width=64, height=96, timings={}, notices=[])
+    await store.mark_done(gen_id, seeds=[777, 778], width=64, height=96, timings={}, notices=[], message_id=99)
     done = await store.get(gen_id)
     assert done is not None and done.seed == 777 and done.message_id == 99
 
@@ -238,7 +232,7 @@ async def test_history_is_newest_first_paginated_and_per_user(store: Store) -> N
         await store.history(1, offset=-1)
 
 
-async def test_unfinished_and_fail_unfinished(store: Store) -> None:
+async def test_fail_unfinished(store: Store) -> None:
     done = await store.add(new())
     await store.mark_running(done)
     await store.mark_done(done, seeds=[1], width=8, height=8, timings={}, notices=[])
@@ -249,14 +243,11 @@ async def test_unfinished_and_fail_unfinished(store: Store) -> None:
     await store.mark_running(running)
     queued_later = await store.add(new(user_id=2))
 
-    assert [g.id for g in await store.unfinished()] == [queued, running, queued_later]
-
     failed = await store.fail_unfinished("the bot restarted")
     assert [g.id for g in failed] == [queued, running, queued_later]
     assert all(g.status == "failed" and g.reason == "the bot restarted" for g in failed)
     for g in failed:
         assert await store.get(g.id) == g  # what it returns is what it stored
-    assert await store.unfinished() == []
     assert await store.fail_unfinished("again") == []
 
     done_row, cancelled_row = await store.get(done), await store.get(cancelled)

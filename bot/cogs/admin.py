@@ -5,8 +5,9 @@ but a server admin can hand any command to anyone under Server Settings > Integr
 checks, when it runs, that the caller is a bot owner (`discord.owner_ids`) or has Administrator or Manage Server
 where they run it. Every action is logged with who did it: to the log, and to the `admin_actions` table.
 
-Blocks are bot-wide and live in SQLite, so they survive restarts. The generation service, the buttons and the
-other cogs enforce them (see `GenerationService.refuse_blocked` and `views.not_blocked`).
+Cancelling and purging follow bot/access.py: a server admin stops only the jobs asked for in their server; an owner
+stops any. Blocks are bot-wide and live in SQLite (and in memory), so they survive restarts. The generation service,
+the buttons and the other cogs enforce them (see `GenerationService.refuse_blocked` and `SDBot.not_blocked`).
 """
 
 from __future__ import annotations
@@ -19,22 +20,14 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot import render
+from bot.access import Actor, may_administer, may_moderate
 from bot.app import SDBot
-from bot.views import NO_PINGS, Interaction, UserError, sdbot, tell
+from bot.replies import NO_PINGS, Interaction, UserError, tell
 
 log = logging.getLogger(__name__)
 
 REFUSED = "Only server admins (Administrator or Manage Server) and the bot's owners can use /admin."
 MAX_LISTED = 25  # blocked users shown by /admin blocked; a message holds 2000 characters
-
-
-def is_bot_admin(interaction: Interaction) -> bool:
-    """A bot owner anywhere, or a member with Administrator or Manage Server here. DMs have no server admins."""
-    if interaction.user.id in sdbot(interaction).settings.discord.owner_ids:
-        return True
-    # Discord computes these for the member in this channel; they come with the interaction, not from the client.
-    permissions = interaction.permissions
-    return interaction.guild_id is not None and (permissions.administrator or permissions.manage_guild)
 
 
 def who(user: discord.abc.User) -> str:
@@ -54,7 +47,7 @@ class Admin(commands.Cog):
 
     async def interaction_check(self, interaction: Interaction, /) -> bool:
         """The runtime lock: runs for every /admin command, whatever Discord's permission settings let through."""
-        if is_bot_admin(interaction):
+        if may_administer(self._actor(interaction)):
             return True
         command = interaction.command.qualified_name if interaction.command else "admin"
         log.warning(
@@ -83,14 +76,21 @@ class Admin(commands.Cog):
         )
         await interaction.followup.send(sentence, ephemeral=True, allowed_mentions=NO_PINGS)
 
-    def _cancel_all(self, user_id: int) -> list[int]:
-        """Cancel every queued or running generation of a user; returns their ids."""
-        generations = self.bot.generations
-        owner = str(user_id)
-        mine = sorted(gen_id for gen_id, job in generations.jobs.items() if job.owner == owner)
-        for gen_id in mine:
-            generations.cancel(gen_id)
-        return mine
+    def _actor(self, interaction: Interaction) -> Actor:
+        return Actor.of(interaction, self.bot.settings.discord.owner_ids)
+
+    def _cancel_all(self, interaction: Interaction, user_id: int) -> list[int]:
+        """Cancel the queued or running generations of a user that the admin may stop; returns their ids."""
+        actor = self._actor(interaction)
+        live_jobs = self.bot.generations.live
+        theirs = sorted(
+            gen_id
+            for gen_id, live in live_jobs.items()
+            if live.made.user_id == user_id and may_moderate(actor, live.made)
+        )
+        for gen_id in theirs:
+            live_jobs[gen_id].job.cancel()
+        return theirs
 
     @admin.command(description="Pause the queue: running jobs finish, queued ones wait.")
     async def pause(self, interaction: Interaction) -> None:
@@ -104,19 +104,23 @@ class Admin(commands.Cog):
         self.bot.executor.pause(False)
         await self._done(interaction, "resume", "Resumed: queued jobs start again.")
 
-    @admin.command(description="Cancel anyone's queued or running job.")
+    @admin.command(description="Cancel anyone's queued or running job in this server.")
     @app_commands.describe(id="The generation id")
     async def cancel(self, interaction: Interaction, id: app_commands.Range[int, 1, 2**62]) -> None:
         await interaction.response.defer(ephemeral=True)
-        if not self.bot.generations.cancel(id):
+        live = self.bot.generations.live.get(id)
+        if live is None:
             raise UserError(f"#{id} is not queued or running.")
+        if not may_moderate(self._actor(interaction), live.made):
+            raise UserError(f"#{id} was asked for in another server: only its admins or a bot owner can cancel it.")
+        live.job.cancel()
         await self._done(interaction, "cancel", f"Cancelling #{id}.", target=id)
 
     @admin.command(description="Cancel all of a user's queued and running jobs.")
     @app_commands.describe(user="Whose jobs to cancel")
     async def purge(self, interaction: Interaction, user: discord.User) -> None:
         await interaction.response.defer(ephemeral=True)
-        cancelled = self._cancel_all(user.id)
+        cancelled = self._cancel_all(interaction, user.id)
         ids = ", ".join(f"#{gen_id}" for gen_id in cancelled)
         sentence = f"Cancelling {ids} of {who(user)}." if cancelled else f"{who(user)} has nothing queued or running."
         await self._done(interaction, "purge", sentence, target=user.id, detail=ids)
@@ -132,7 +136,7 @@ class Admin(commands.Cog):
         reason = reason[:200]  # Discord enforces the length, a forged payload does not
         if not await self.bot.store.block(user.id, by=interaction.user.id, reason=reason):
             raise UserError(f"{who(user)} is already blocked: /admin unblock lifts it.")
-        cancelled = self._cancel_all(user.id)
+        cancelled = self._cancel_all(interaction, user.id)
         extra = f" and cancelling {len(cancelled)} of their jobs" if cancelled else ""
         await self._done(interaction, "block", f"Blocked {who(user)}{extra}.", target=user.id, detail=reason)
 

@@ -12,8 +12,11 @@ from discord import app_commands, ui
 from discord.ext import commands
 
 from bot import render
+from bot.access import Actor, Place, may_rerun
 from bot.app import SDBot
-from bot.views import MAX_SEED, NO_PINGS, SORRY, Interaction, UserError, is_admin, not_blocked, tell, user_message
+from bot.output import Output
+from bot.replies import NO_PINGS, SORRY, Interaction, UserError, tell, user_message
+from sdengine.request import MAX_SEED
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +76,7 @@ class History(commands.Cog):
             view.stop()
 
     async def interaction_check(self, interaction: Interaction, /) -> bool:
-        return await not_blocked(interaction)
+        return await self.bot.not_blocked(interaction)
 
     async def page(self, user_id: int, page: int) -> tuple[str, int]:
         """The text of one page of the user's history, and the number of pages."""
@@ -109,9 +112,13 @@ class History(commands.Cog):
     ) -> None:
         await interaction.response.defer()
         row = await self.bot.store.get(id)
-        if row is None or (row.user_id != interaction.user.id and not is_admin(interaction)):
-            raise UserError(f"You have no generation #{id}: /history lists yours.")
-        await self.bot.generations.rerun(interaction, id, seed=seed)
+        actor = Actor.of(interaction, self.bot.settings.discord.owner_ids)
+        if row is None or not may_rerun(actor, Place.of(row)):  # the same answer: ids are no secret, rows are
+            raise UserError(
+                f"You have no generation #{id} here: /history lists yours, and others' can be rerun where they were "
+                "posted."
+            )
+        await self.bot.generations.rerun(row, Output.for_interaction(interaction), interaction.user, seed=seed)
 
 
 async def setup(bot: SDBot) -> None:

@@ -9,16 +9,11 @@ from discord.ext import commands
 import sdengine
 from bot import render
 from bot.app import SDBot
-from bot.generation import Output
-from bot.views import MAX_SEED, Interaction, random_seed, tell
+from bot.output import Output
+from bot.policy import random_seed
+from bot.replies import Interaction, tell
+from sdengine.request import MAX_SEED, SCHEDULER_LABELS
 
-SCHEDULER_NAMES = {
-    "dpmpp_2m": "DPM++ 2M Karras",
-    "euler_a": "Euler a",
-    "euler": "Euler",
-    "ddim": "DDIM",
-    "lms": "LMS",
-}
 SIZE_NAMES = {
     "square": "square (1:1)",
     "portrait": "portrait (2:3)",
@@ -45,7 +40,7 @@ class Imagine(commands.Cog):
         strength="With an image: how far to move away from it (1 = ignore it)",
     )
     @app_commands.choices(
-        scheduler=[app_commands.Choice(name=label, value=key) for key, label in SCHEDULER_NAMES.items()],
+        scheduler=[app_commands.Choice(name=label, value=key) for key, label in SCHEDULER_LABELS.items()],
         size=[app_commands.Choice(name=label, value=key) for key, label in SIZE_NAMES.items()],
     )
     async def imagine(

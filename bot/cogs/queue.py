@@ -5,8 +5,9 @@ from __future__ import annotations
 from discord import app_commands
 from discord.ext import commands
 
+from bot.access import Actor, may_moderate
 from bot.app import SDBot
-from bot.views import NO_PINGS, Interaction, UserError, is_admin, not_blocked
+from bot.replies import NO_PINGS, Interaction, UserError
 
 
 class Queue(commands.Cog):
@@ -14,7 +15,7 @@ class Queue(commands.Cog):
         self.bot = bot
 
     async def interaction_check(self, interaction: Interaction, /) -> bool:
-        return await not_blocked(interaction)
+        return await self.bot.not_blocked(interaction)
 
     @app_commands.command(description="Show the queue and where your requests are in it.")
     async def queue(self, interaction: Interaction) -> None:
@@ -25,14 +26,16 @@ class Queue(commands.Cog):
             f"(last step: {stats.batch_size} of up to {stats.max_batch} images at once, "
             f"{stats.steps_per_second:.1f} steps/s)."
         ]
+        if stats.down:
+            lines.append(f"The generator is down: {stats.down_reason}")
         if stats.paused:
             lines.append("The generator is paused: nothing new starts until an admin resumes it.")
         running = self.bot.executor.running_jobs()
         owner = str(interaction.user.id)
         mine = [
-            f"#{gen_id} running" if job in running else f"#{gen_id} at position {job.position}"
-            for gen_id, job in sorted(self.bot.generations.jobs.items())
-            if job.owner == owner
+            f"#{gen_id} running" if live.job in running else f"#{gen_id} at position {live.job.position}"
+            for gen_id, live in sorted(self.bot.generations.live.items())
+            if live.job.owner == owner
         ]
         lines.append("Yours: " + ", ".join(mine) + "." if mine else "You have nothing queued or running.")
         await interaction.followup.send("\n".join(lines), ephemeral=True, allowed_mentions=NO_PINGS)
@@ -41,18 +44,18 @@ class Queue(commands.Cog):
     @app_commands.describe(id="The generation id to cancel")
     async def cancel(self, interaction: Interaction, id: app_commands.Range[int, 1, 2**62] | None = None) -> None:
         await interaction.response.defer(ephemeral=True)
-        jobs = self.bot.generations.jobs
-        owner = str(interaction.user.id)
+        live_jobs = self.bot.generations.live
         if id is None:
-            id = max((gen_id for gen_id, job in jobs.items() if job.owner == owner), default=None)
+            mine = [gen_id for gen_id, live in live_jobs.items() if live.made.user_id == interaction.user.id]
+            id = max(mine, default=None)
             if id is None:
                 raise UserError("You have nothing queued or running.")
-        job = jobs.get(id)
-        if job is None:
+        live = live_jobs.get(id)
+        if live is None:
             raise UserError(f"#{id} is not queued or running.")
-        if job.owner != owner and not is_admin(interaction):
-            raise UserError(f"#{id} is not yours: only its requester or an admin can cancel it.")
-        self.bot.generations.cancel(id)
+        if not may_moderate(Actor.of(interaction, self.bot.settings.discord.owner_ids), live.made):
+            raise UserError(f"#{id} is not yours: only its requester or a moderator of its server can cancel it.")
+        live.job.cancel()
         await interaction.followup.send(f"Cancelling #{id}.", ephemeral=True, allowed_mentions=NO_PINGS)
 
 

@@ -3,8 +3,10 @@
 A reply's text (minus the mention) is the new prompt. Without text, the prompt is the one stored for the bot's own
 result, else the one embedded in the PNG; with neither, the user is asked for one.
 
-No privileged intent is needed: Discord shows the bot the content of messages that mention it, and replying to
-the bot mentions it unless the user turns that off.
+No privileged intent is needed for replies to the bot's own results: Discord shows the bot the content of messages
+that mention it or are its own. Other people's messages that do not mention it arrive blanked, attachments too,
+unless the owner turned on the privileged Message Content intent (`[discord] message_content`); a reply to one of
+those gets one sentence pointing to the "Make variations" menu, which always works.
 """
 
 from __future__ import annotations
@@ -17,13 +19,18 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.app import SDBot
-from bot.generation import ImageSource, Output
-from bot.store import Generation
-from bot.views import SORRY, Interaction, UserError
+from bot.download import ImageSource, embed_url
+from bot.output import Output
+from bot.replies import SORRY, Interaction, UserError
+from bot.store import Generation, Received
 
 log = logging.getLogger(__name__)
 
 BUTTON_ID = re.compile(r"gen:(\d+):")
+HIDDEN = (
+    "I cannot see the images in other people's messages here: use “Make variations” in that message's Apps menu "
+    "(right-click it, or press and hold), which always works."
+)
 
 
 def image_in(message: discord.Message) -> ImageSource | None:
@@ -32,11 +39,7 @@ def image_in(message: discord.Message) -> ImageSource | None:
     singles = [a for a in images if not a.filename.endswith("-grid.png")]
     if singles or images:
         return (singles or images)[0]
-    for embed in message.embeds:
-        for url in (embed.image.proxy_url or embed.image.url, embed.thumbnail.proxy_url or embed.thumbnail.url):
-            if url:
-                return url
-    return None
+    return next((embed for embed in message.embeds if embed_url(embed)), None)
 
 
 def generation_id(message: discord.Message) -> int | None:
@@ -86,6 +89,16 @@ class Variations(commands.Cog):
         await interaction.response.defer()
         await self.vary(message, "", Output.for_interaction(interaction), interaction.user)
 
+    def hidden_from_me(self, message: discord.Message) -> bool:
+        """Whether Discord blanked `message` for the bot: someone else's guild message that does not mention it,
+        without the Message Content intent."""
+        me = self.bot.user
+        return not (
+            self.bot.settings.discord.message_content
+            or message.guild is None
+            or (me is not None and (message.author.id == me.id or me in message.mentions))
+        )
+
     @commands.Cog.listener()
     async def on_message(self, message: discord.Message) -> None:
         me = self.bot.user
@@ -93,6 +106,7 @@ class Variations(commands.Cog):
             return
         if self.bot.refusal(message.guild.id if message.guild else None, message.channel) is not None:
             return  # not our channel: stay quiet rather than answer every mention
+        output = Output.for_message(message)
         try:
             target = message.reference.resolved
             if not isinstance(target, discord.Message):
@@ -100,16 +114,32 @@ class Variations(commands.Cog):
                     return
                 target = await message.channel.fetch_message(message.reference.message_id)
             if image_in(target) is None:
+                if self.hidden_from_me(target):
+                    await output.reject(HIDDEN)
                 return  # a reply to a message without an image is just talk
             prompt = re.sub(rf"<@!?{me.id}>", "", message.content).strip()
             log.info("reply by user %s to message %s: %r", message.author.id, target.id, prompt)
-            await self.vary(target, prompt, Output.for_message(message), message.author)
+            await self.bot.note_received(
+                Received(
+                    message.id,
+                    message.author.id,
+                    output.guild_id,
+                    output.channel_id,
+                    "reply",
+                    prompt[:200],
+                    message.created_at.timestamp(),
+                )
+            )
+            try:
+                await self.vary(target, prompt, output, message.author)
+            finally:
+                await self.bot.forget_received(message.id)
         except discord.NotFound:
             return  # the replied-to message is gone
         except Exception as exc:
             if not isinstance(exc, UserError):
                 log.exception("variation reply to message %s failed", message.id)
-            await Output.for_message(message).reject(str(exc) if isinstance(exc, UserError) else SORRY)
+            await output.reject(str(exc) if isinstance(exc, UserError) else SORRY)
 
 
 async def setup(bot: SDBot) -> None:

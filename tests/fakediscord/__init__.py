@@ -27,9 +27,10 @@ from ._models import (
     RequestRecord,
     UploadedFile,
 )
-from ._rest import ApiError, Fault
+from ._rest import RESET, ApiError, Fault
 
 __all__ = [
+    "RESET",
     "ApiError",
     "CallbackRecord",
     "FakeAttachment",

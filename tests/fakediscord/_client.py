@@ -32,7 +32,7 @@ async def _until(task: asyncio.Task[None], waiter: Awaitable[object], timeout: f
 
 @contextlib.asynccontextmanager
 async def run_client(
-    fake: FakeDiscord, client: ClientT, *, wait_until_ready: bool = True, timeout: float = 10.0
+    fake: FakeDiscord, client: ClientT, *, wait_until_ready: bool = True, timeout: float = 60.0
 ) -> AsyncIterator[ClientT]:
     """``client.start(fake.token)`` in a task; wait for READY (and ``on_ready`` unless told not to).
 

@@ -251,7 +251,7 @@ class FakeDiscord:
         self._change.set()
         self._change = asyncio.Event()
 
-    async def wait_for(self, predicate: Callable[[], T | None], timeout: float = 5.0) -> T:
+    async def wait_for(self, predicate: Callable[[], T | None], timeout: float = 60.0) -> T:
         """Re-evaluate ``predicate`` after every change until it returns something truthy; return that."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -267,11 +267,11 @@ class FakeDiscord:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._change.wait(), remaining)
 
-    async def wait_ready(self, timeout: float = 10.0) -> None:
+    async def wait_ready(self, timeout: float = 60.0) -> None:
         """Until the client identified and READY + GUILD_CREATEs were sent."""
         await asyncio.wait_for(self._ready.wait(), timeout)
 
-    async def wait_commands_synced(self, *names: str, timeout: float = 5.0) -> None:
+    async def wait_commands_synced(self, *names: str, timeout: float = 60.0) -> None:
         """Until the client bulk-overwrote commands at least once and every name in ``names`` exists."""
 
         def synced() -> bool:
@@ -280,7 +280,7 @@ class FakeDiscord:
 
         await self.wait_for(synced, timeout)
 
-    async def wait_request(self, method: str, path_regex: str, timeout: float = 5.0) -> RequestRecord:
+    async def wait_request(self, method: str, path_regex: str, timeout: float = 60.0) -> RequestRecord:
         """Until a matching request was logged (see ``find_requests``); returns the first match."""
         return await self.wait_for(lambda: next(iter(self.find_requests(method, path_regex)), None), timeout)
 
@@ -299,7 +299,8 @@ class FakeDiscord:
 
         ``path_regex`` is searched in the path without ``/api/v10`` (e.g. ``r"/channels/\\d+/messages$"``);
         ``method`` may be ``"*"``. 429s carry the rate-limit headers discord.py needs to retry after
-        ``retry_after`` (default 0.1 s). ``json`` overrides the default Discord error body.
+        ``retry_after`` (default 0.1 s). ``json`` overrides the default Discord error body. A ``status`` of 0
+        (``RESET``) closes the connection instead of answering, as a network failure does.
         """
         fault = Fault(method.upper(), re.compile(path_regex), status, times, json, retry_after)
         self.rest.faults.append(fault)
@@ -402,7 +403,8 @@ class FakeDiscord:
         )
 
     def message_payload(self, message: FakeMessage, *, redact: bool = False, nested: bool = False) -> JSON:
-        """The Discord message object. ``redact`` applies the MESSAGE_CONTENT intent rule (gateway only)."""
+        """The Discord message object. ``redact`` applies the MESSAGE_CONTENT intent rule, as Discord does on
+        the gateway and REST alike (not in interactions: a context menu gets the whole target message)."""
         visible = not redact or self._content_visible(message)
         data: JSON = {
             "id": str(message.id),

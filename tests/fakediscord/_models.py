@@ -426,7 +426,7 @@ class FakeInteraction:
         """@original (if any) then followups, in creation order."""
         return ([self.original] if self.original else []) + self.followups
 
-    async def wait_callback(self, timeout: float = 5.0) -> CallbackRecord:
+    async def wait_callback(self, timeout: float = 60.0) -> CallbackRecord:
         """Wait for the first callback attempt; raise AssertionError if the fake rejected it."""
         cb = await self.fake.wait_for(lambda: self.callbacks[0] if self.callbacks else None, timeout)
         if cb.status >= 300:
@@ -434,7 +434,7 @@ class FakeInteraction:
         return cb
 
     async def wait_message(
-        self, predicate: Callable[[FakeMessage], object] | None = None, timeout: float = 5.0
+        self, predicate: Callable[[FakeMessage], object] | None = None, timeout: float = 60.0
     ) -> FakeMessage:
         """Wait until @original or a followup satisfies ``predicate(message)``.
 

@@ -75,6 +75,9 @@ DEFAULT_ERRORS: dict[int, tuple[int, str]] = {
 }
 
 
+RESET = 0  # a Fault status that drops the connection instead of answering
+
+
 @dataclass(eq=False)
 class Fault:
     """A pending injected failure; see ``FakeDiscord.fail_next``. ``hits`` counts how often it fired."""
@@ -177,6 +180,13 @@ class RestApi:
         self.requests.append(record)
         try:
             fault = next((f for f in self.faults if f.matches(record)), None)
+            if fault is not None and fault.status == RESET:
+                fault.hits += 1
+                record.status = RESET
+                self.fake._changed()
+                if request.transport is not None:
+                    request.transport.close()  # the connection drops: the client sees it reset, with no answer
+                raise web.HTTPServiceUnavailable()  # never sent: the connection is gone
             if fault is not None:
                 response = fault.response()
             else:
@@ -353,7 +363,7 @@ class RestApi:
 
     async def _message_method(self, request: web.Request, message: FakeMessage) -> web.StreamResponse:
         if request.method == "GET":
-            return json_response(self.fake.message_payload(message))
+            return json_response(self.fake.message_payload(message, redact=True))
         if request.method == "PATCH":
             body, files = self._body(request)
             await self.fake._edit_message(message, body, files)
@@ -379,13 +389,13 @@ class RestApi:
         found.sort(key=lambda m: m.id, reverse=True)
         if "after" in request.query:  # Discord pages forward from `after`: oldest first, then newest-first
             found = sorted(found, key=lambda m: m.id)[:limit][::-1]
-        return json_response([self.fake.message_payload(m) for m in found[:limit]])
+        return json_response([self.fake.message_payload(m, redact=True) for m in found[:limit]])
 
     async def create_message(self, request: web.Request) -> web.Response:
         channel = self._channel(request)
         body, files = self._body(request)
         message = await self.fake._bot_channel_message(channel, body, files)
-        return json_response(self.fake.message_payload(message))
+        return json_response(self.fake.message_payload(message, redact=True))
 
     async def channel_message(self, request: web.Request) -> web.StreamResponse:
         return await self._message_method(request, self._message(request))

@@ -1,0 +1,119 @@
+"""What this bot allows: the limits, the cooldown and the NSFW rule, each answered with one sentence.
+
+All of it runs in memory, before anything is downloaded or queued, so a refused request costs nothing but its row.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import time
+from collections.abc import Sequence
+
+from PIL import Image
+
+import sdengine
+from bot import render
+from bot.config import Settings
+from sdengine.request import MAX_SEED
+
+log = logging.getLogger(__name__)
+
+
+def random_seed() -> int:
+    return secrets.randbelow(MAX_SEED + 1)
+
+
+class Policy:
+    """The limits of `settings.limits`, the per-user cooldown, and whether results are safety-checked."""
+
+    def __init__(self, settings: Settings, model: sdengine.Model) -> None:
+        self.settings = settings
+        self.model = model
+        self._last_submit: dict[int, float] = {}  # user id -> time.monotonic() of their last accepted request
+
+        # The NSFW policy: check results with the model's safety checker (unless configured off), and black out
+        # what it flags outside age-restricted channels. Without one, discord.nsfw_channels_only is the only guard.
+        checker = settings.safety.checker
+        if checker == "on" and model.safety_checker is None:
+            raise sdengine.ModelLoadError(
+                f'safety.checker is "on" but the model {model.name!r} has no safety_checker and feature_extractor '
+                'folders: use a model folder that has them, or set safety.checker to "auto" or "off".'
+            )
+        self.safety_checks = checker != "off" and model.safety_checker is not None
+        if not self.safety_checks and not settings.discord.nsfw_channels_only:
+            log.warning(
+                "no NSFW safety checker runs and discord.nsfw_channels_only is false: "
+                "results are posted unfiltered in every allowed channel"
+            )
+
+    def problem(self, request: sdengine.GenerationRequest, user_id: int) -> str | None:
+        """Why `request` may not run here, in one sentence; None if it may. An init image not yet fetched is
+        costed at the model's native area, which is what `image_size` gives it."""
+        try:
+            sdengine.check_inputs(self.model, request)
+        except sdengine.InvalidRequest as exc:
+            return str(exc)
+        limits = self.settings.limits
+        if request.steps > limits.max_steps:
+            return f"Steps can be at most {limits.max_steps} here, not {request.steps}."
+        if request.count > limits.max_count:
+            return f"At most {limits.max_count} images per request here, not {request.count}."
+        for name, side in (("width", request.width), ("height", request.height)):
+            if side is not None and side > limits.max_side:
+                return f"The {name} can be at most {limits.max_side} pixels here, not {side}."
+        width = request.width or self.model.native_size
+        height = request.height or self.model.native_size
+        if width * height * request.steps * request.count > limits.max_cost:
+            images = "1 image" if request.count == 1 else f"{request.count} images"
+            return (
+                f"{images} of {width}x{height} at {request.steps} steps is more work than allowed here: "
+                "lower the steps, the size or the count."
+            )
+        return self.cooldown(user_id)
+
+    def image_size(self, width: int, height: int) -> tuple[int, int]:
+        """The size to draw an init image's variation at: its aspect ratio at about the model's native area, in
+        the model's size steps, shrunk to fit `limits.max_side`."""
+        step = 8 * self.model.latent_factor
+        return render.fit_aspect(width / height, self.model.native_size, step, self.settings.limits.max_side)
+
+    def cooldown(self, user_id: int) -> str | None:
+        """The cooldown sentence while the user must still wait after their last accepted request, else None."""
+        wait = self._last_submit.get(user_id, -math.inf) + self.settings.limits.cooldown_seconds - time.monotonic()
+        if wait > 0:
+            return f"You are on cooldown: try again in {math.ceil(wait)} s."
+        return None
+
+    def accepted(self, user_id: int) -> None:
+        """A request of `user_id` was queued: their cooldown starts now."""
+        self._last_submit[user_id] = time.monotonic()
+
+
+def black_out_flagged(result: sdengine.GenerationResult) -> tuple[list[Image.Image], list[bytes], list[str]]:
+    """The result's images and PNGs with those the safety checker flagged replaced by black, and a note that says so.
+
+    The engine only flags; it ran the checker only where the destination is not age-restricted."""
+    flagged = [i for i, flag in enumerate(result.nsfw) if flag]
+    if not flagged:
+        return list(result.images), list(result.pngs), []
+    images, pngs = list(result.images), list(result.pngs)
+    for i in flagged:
+        images[i] = Image.new("RGB", images[i].size)  # black; the message and the row keep the parameters
+        pngs[i] = render.png(images[i])
+    return images, pngs, [_flagged_note(flagged, len(images))]
+
+
+def _flagged_note(flagged: Sequence[int], count: int) -> str:
+    numbers = ", ".join(str(i + 1) for i in flagged)
+    if count == 1:
+        subject = "The image was"
+    elif len(flagged) == 1:
+        subject = f"Image {numbers} of {count} was"
+    else:
+        subject = f"Images {numbers} of {count} were"
+    return (
+        f"{subject} flagged as NSFW by the safety checker and blacked out: "
+        "such results only show in age-restricted channels."
+    )
