@@ -368,11 +368,13 @@ class Executor:
                 out.update(zip(map(id, call), result, strict=True))
             elif len(call) == 1:
                 out[id(call[0])] = result
-            else:
+            elif isinstance(result, OutOfMemory):
                 self._free_memory()
-                if isinstance(result, OutOfMemory):
-                    self._limit.out_of_memory(len(call))
-                pending.extendleft(reversed(_chunks(call, self.max_batch if isinstance(result, OutOfMemory) else 1)))
+                self._limit.out_of_memory(len(call))
+                # Split the calls still waiting too: none of this step's calls may exceed the new limit.
+                pending = deque(c for waiting in [call, *pending] for c in _chunks(waiting, self.max_batch))
+            else:
+                pending.extendleft([s] for s in reversed(call))  # image by image, to find the culprit
         return out
 
     def _predict(self, samples: list[Sample]) -> list[torch.Tensor] | Exception:

@@ -175,7 +175,7 @@ async def test_out_of_memory_retries_smaller_then_fails_only_what_cannot_fit(tin
         assert (await job.result()).seeds == [5]
     with pytest.raises(OutOfMemory, match="lower the size or count"):
         await never.result()
-    assert executor.max_batch < 8
+    assert executor.stats().max_batch < 8
     await executor.shutdown()
 
 
