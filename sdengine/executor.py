@@ -243,7 +243,9 @@ class Executor:
                     crashes = 0
         finally:
             if self._stopping:
-                self._fail_everything(ShuttingDown, "The bot shut down before this request finished: send it again.")
+                self._fail_everything(
+                    ShuttingDown, "The bot shut down before this request finished: please send it again."
+                )
             else:
                 with self._lock:
                     self._down_reason = reason
