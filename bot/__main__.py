@@ -9,6 +9,11 @@ Once logged in, a lost connection is retried with exponential backoff, one log l
 SIGTERM or SIGINT (Ctrl-C) stops it cleanly: new requests are refused, the current denoising step finishes, the
 rest is failed with a message to its user and a row in the database, and the database is closed. A second signal
 stops it at once; what that leaves unfinished runs again at the next start.
+
+Exit status (also in --help), each failure with one line on stderr that says what to change:
+0 a clean stop, or --check passed; 1 the database or model cannot be used, or Discord refused the token or the
+intents; 2 a bad config or command line, or no token in the environment; 3 Discord cannot be reached at start
+(network, DNS, firewall, outage).
 """
 
 from __future__ import annotations
