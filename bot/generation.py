@@ -27,7 +27,7 @@ from bot.buttons import progress_view, result_view
 from bot.config import Settings
 from bot.download import Downloader, ImageSource, InitImage
 from bot.output import Output
-from bot.policy import Policy, black_out_flagged, random_seed
+from bot.policy import Policy, black_out_flagged
 from bot.progress import Painter
 from bot.render import File
 from bot.replies import BLOCKED, SORRY, UserError, database_trouble
@@ -154,7 +154,8 @@ class GenerationService:
             log.info("#%d resumed after a restart", row.id)
             # No stored seed only for a row that was never going to run; any seed then.
             try:
-                request = self.request_from_row(row, seed=random_seed() if row.seed is None else row.seed)
+                seed = sdengine.random_seed(row.count) if row.seed is None else row.seed
+                request = self.request_from_row(row, seed=seed)
             except UserError as exc:
                 sentence = str(exc)
                 await output.reject(sentence)
@@ -210,7 +211,7 @@ class GenerationService:
             scheduler=base.scheduler,
             steps=base.steps,
             guidance=base.guidance,
-            seed=random_seed(),
+            seed=sdengine.random_seed(source.count if source else 1),
             count=source.count if source else 1,
             strength=self.settings.defaults.strength,
         )

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import math
-import secrets
 import time
 from collections.abc import Sequence
 
@@ -16,13 +15,8 @@ from PIL import Image
 import sdengine
 from bot import render
 from bot.config import Settings
-from sdengine.request import MAX_SEED
 
 log = logging.getLogger(__name__)
-
-
-def random_seed() -> int:
-    return secrets.randbelow(MAX_SEED + 1)
 
 
 class Policy:

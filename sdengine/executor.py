@@ -181,11 +181,6 @@ class Executor:
                 down_reason=reason,
             )
 
-    def queued_jobs(self) -> list[Job]:
-        """Queued jobs in the order they will start."""
-        with self._lock:
-            return self._queue.order()
-
     def running_jobs(self) -> list[Job]:
         with self._lock:
             return [r.job for r in self._running]

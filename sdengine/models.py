@@ -13,12 +13,12 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from .errors import ModelLoadError
+from .request import DEFAULT_MODEL
 from .safety import SafetyChecker
 from .tiny import build_components
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 

@@ -106,7 +106,7 @@ class CancelToken:
 
 def random_seed(count: int = 1) -> int:
     """A random first seed whose `count` images all get valid seeds (S+count-1 <= MAX_SEED)."""
-    return secrets.randbelow(MAX_SEED + 2 - max(count, 1))
+    return secrets.randbelow(max(MAX_SEED + 2 - max(count, 1), 1))
 
 
 def check_request(request: GenerationRequest) -> None:

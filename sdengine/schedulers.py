@@ -13,7 +13,7 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from .request import SCHEDULERS
+from .request import SCHEDULER_LABELS, SCHEDULERS
 
 # name -> (class, overrides of the model's config). A1111 calls dpmpp_2m "DPM++ 2M Karras".
 _KINDS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
@@ -25,14 +25,8 @@ _KINDS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
 }
 assert tuple(_KINDS) == SCHEDULERS
 
-# How the PNG `parameters` chunk names each scheduler, as A1111 does.
-SAMPLER_NAMES = {
-    "lms": "LMS",
-    "ddim": "DDIM",
-    "euler": "Euler",
-    "euler_a": "Euler a",
-    "dpmpp_2m": "DPM++ 2M Karras",
-}
+# How the PNG `parameters` chunk names each scheduler, as A1111 does: the labels users see.
+SAMPLER_NAMES = SCHEDULER_LABELS
 
 
 def make_scheduler(name: str, config: dict[str, Any]) -> SchedulerMixin:

@@ -151,7 +151,7 @@ NOT_AN_IMAGE = "This file is not a PNG, JPEG, WebP or GIF image: attach one of t
 NOT_AN_IMAGE_TYPE = "That file is not an image: attach a PNG, JPEG, WebP or GIF."
 DAMAGED = "The image file is damaged or truncated: re-save it and attach it again."
 EMPTY = "The image file is empty: attach a PNG, JPEG, WebP or GIF image."
-TOO_BIG = "The image is 2.0 MiB: attach one under 2 MiB."
+TOO_BIG = "The image is over 2.0 MiB: use a smaller one."
 TOO_LARGE = "The image is too large to decode safely: attach a smaller one."
 
 FILES = [
@@ -265,8 +265,9 @@ async def check_row(harness: Harness, user_id: int, prompt: str, got: str) -> No
     """The newest row of the user is this case's: done with a result, failed with the sentence as its reason."""
     row, *_ = await harness.rows_of(user_id)
     assert row.prompt == prompt, (row.prompt[:50], prompt[:50])
+    # The user is told first and the row is written after (see GenerationService), so wait for the row.
+    row = await harness.wait_row(row.id, lambda r: r.finished)
     if got == RESULT:
-        row = await harness.wait_row(row.id, lambda r: r.finished)
         assert row.status == "done", row.reason
     else:
         assert row.status == "failed" and row.reason is not None and plain(row.reason) == got
@@ -395,8 +396,16 @@ async def test_abusive_prompts_and_options_get_a_picture_or_one_sentence(harness
         first = await harness.result_of(await fake.slash_command("imagine", {"prompt": "a first picture"}))
         gen_id = result_id(first)
         others: list[tuple[str, dict[str, Any], str]] = [
-            ("reroll", {"id": -1}, "You have no generation #-1: /history lists yours."),
-            ("reroll", {"id": 2**64}, f"You have no generation #{2**64}: /history lists yours."),
+            (
+                "reroll",
+                {"id": -1},
+                "You have no generation #-1 here: /history lists yours, and others' can be rerun where they were posted.",
+            ),
+            (
+                "reroll",
+                {"id": 2**64},
+                f"You have no generation #{2**64} here: /history lists yours, and others' can be rerun where they were posted.",
+            ),
             ("cancel", {"id": 2**64}, f"#{2**64} is not queued or running."),
             ("history", {"page": -3}, RESULT),  # the nearest page: a listing, not a refusal
             ("history", {"page": 2**64}, RESULT),

@@ -10,7 +10,6 @@ import sdengine
 from bot import render
 from bot.app import SDBot
 from bot.output import Output
-from bot.policy import random_seed
 from bot.replies import Interaction, tell
 from sdengine.request import MAX_SEED, SCHEDULER_LABELS
 
@@ -74,7 +73,7 @@ class Imagine(commands.Cog):
             scheduler=scheduler or defaults.scheduler,
             steps=steps or defaults.steps,
             guidance=defaults.guidance if guidance is None else guidance,
-            seed=random_seed() if seed is None else seed,
+            seed=sdengine.random_seed(count) if seed is None else seed,
             width=width,
             height=height,
             count=count,

@@ -11,11 +11,11 @@ import logging
 import discord
 from discord.ext import commands
 
+import sdengine
 from bot.access import Actor, Place, may_moderate, may_rerun
 from bot.app import SDBot, receipt
 from bot.buttons import Action
 from bot.output import Output
-from bot.policy import random_seed
 from bot.replies import BLOCKED, SORRY, Interaction, UserError, tell, user_message
 from bot.store import Generation
 
@@ -53,7 +53,7 @@ class Results(commands.Cog):
                     raise UserError(f"#{gen_id} was not posted here: only its requester can run it again elsewhere.")
                 output, user = Output.for_interaction(interaction), interaction.user
                 if action == "reroll":
-                    await bot.generations.rerun(row, output, user, seed=random_seed())
+                    await bot.generations.rerun(row, output, user, seed=sdengine.random_seed(row.count))
                 else:
                     await bot.generations.vary(row, index, output, user, interaction.message)
         except Exception as exc:
