@@ -85,7 +85,8 @@ def _parser() -> argparse.ArgumentParser:
         "--model",
         metavar="M",
         default=DEFAULT_MODEL,
-        help="hub id, diffusers folder, .safetensors file, or `tiny` (random weights, offline) (default: %(default)s)",
+        help="hub id, diffusers folder, .safetensors file (SD 1.x, 2.x or SDXL), or `tiny` / `tiny-xl` (random "
+        "weights, offline) (default: %(default)s)",
     )
     imagine.add_argument(
         "--device", metavar="D", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)"

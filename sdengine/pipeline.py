@@ -3,6 +3,10 @@
 `generate()` reads top to bottom like diffusers' `StableDiffusionPipeline.__call__`. Its pieces are public
 so that the executor can run the UNet loop of many requests in one batch: every image in flight is a
 `Sample` with its own scheduler and generator, and `denoise_step` advances any set of samples by one step.
+
+One loop serves every kind of model. SD 2.x differs only in its scheduler config (v-prediction), which the
+schedulers read. SDXL adds two things, as `StableDiffusionXLPipeline` does: the UNet also takes the pooled
+text embedding and the size "time ids" (`added_cond_kwargs`), and its VAE may run in fp32 (`Model.vae_dtype`).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from PIL import Image
 from .errors import Cancelled, InvalidRequest
 from .images import decode_image, fit_image, format_parameters, latents_preview, png_bytes
 from .models import Model
-from .prompts import encode_prompts
+from .prompts import encode_prompt_pair
 from .request import (
     MAX_SEED,
     SCHEDULERS,
@@ -40,6 +44,9 @@ MAX_SIDE = 2048
 MAX_STEPS = 150
 MAX_GUIDANCE = 30.0
 MAX_COUNT = 4
+# SDXL refiner-style models condition on an aesthetic score; diffusers' img2img defaults.
+AESTHETIC_SCORE = 6.0
+NEGATIVE_AESTHETIC_SCORE = 2.5
 
 
 def check_inputs(model: Model, request: GenerationRequest) -> None:
@@ -90,6 +97,8 @@ class Sample:
     latents: torch.Tensor  # (1, C, H/f, W/f)
     embeds: torch.Tensor  # (2, T, D) as [negative, positive]; (1, T, D) positive only without guidance
     guidance: float
+    # SDXL: `text_embeds` (R, P) and `time_ids` (R, 6), with the same R rows as `embeds`; None for SD 1.x/2.x
+    added_cond: dict[str, torch.Tensor] | None = None
     step: int = 0
 
     @property
@@ -121,11 +130,13 @@ def prepare(model: Model, request: GenerationRequest) -> Plan:
     seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
     request = replace(request, seed=seed, width=width, height=height)
 
-    # 2. Encode the prompts: (2, T, D) as [negative, positive]
+    # 2. Encode the prompts: (2, T, D) as [negative, positive], and SDXL's added conditioning
     with torch.inference_mode():
-        embeds, notices = encode_prompts(model, request.prompt, request.negative)
+        encoded = encode_prompt_pair(model, request.prompt, request.negative)
+        embeds, added_cond = encoded.embeds, _added_conditioning(model, encoded.pooled, width, height)
         if request.guidance <= 1:  # diffusers skips the unconditional pass at guidance <= 1
             embeds = embeds[1:]
+            added_cond = {name: rows[1:] for name, rows in added_cond.items()} if added_cond else None
 
         # 3. Encode the init image: (1, 3, H, W) in [-1, 1] -> latent distribution
         posterior = None
@@ -145,8 +156,28 @@ def prepare(model: Model, request: GenerationRequest) -> Plan:
             else:
                 timesteps = _img2img_timesteps(scheduler, request.steps, request.strength)
                 latents = _noised_image_latents(model, scheduler, generator, posterior, timesteps[:1])
-            samples.append(Sample(seed + i, generator, scheduler, timesteps, latents, embeds, request.guidance))
-    return Plan(request, samples, notices, {"prepare": time.perf_counter() - started})
+            samples.append(
+                Sample(seed + i, generator, scheduler, timesteps, latents, embeds, request.guidance, added_cond)
+            )
+    return Plan(request, samples, encoded.notices, {"prepare": time.perf_counter() - started})
+
+
+def _added_conditioning(
+    model: Model, pooled: torch.Tensor | None, width: int, height: int
+) -> dict[str, torch.Tensor] | None:
+    """SDXL's micro-conditioning (Podell et al. 2023, sec. 2.2): the pooled text embedding, and the time ids
+    (original size, crop top-left (0, 0), target size) with both sizes the requested one; a refiner-style model
+    takes an aesthetic score in place of the target size. None for SD 1.x and 2.x."""
+    if pooled is None:
+        return None
+    size = (height, width)
+    rows: list[tuple[float, ...]]
+    if model.requires_aesthetics_score:
+        rows = [(*size, 0, 0, NEGATIVE_AESTHETIC_SCORE), (*size, 0, 0, AESTHETIC_SCORE)]
+    else:
+        rows = [(*size, 0, 0, *size)] * 2
+    time_ids = torch.tensor(rows, dtype=model.dtype, device=model.device)  # (2, 6 or 5) as [negative, positive]
+    return {"text_embeds": pooled, "time_ids": time_ids}
 
 
 def _resolve_size(model: Model, request: GenerationRequest, image: Image.Image | None) -> tuple[int, int]:
@@ -169,10 +200,10 @@ def _resolve_size(model: Model, request: GenerationRequest, image: Image.Image |
 
 
 def _to_tensor(image: Image.Image, model: Model) -> torch.Tensor:
-    """PIL RGB -> (1, 3, H, W) in [-1, 1], as diffusers' VaeImageProcessor does it."""
+    """PIL RGB -> (1, 3, H, W) in [-1, 1], as diffusers' VaeImageProcessor does it, in the VAE's dtype."""
     array = np.asarray(image, dtype=np.float32) / 255.0
     tensor = torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0)
-    return (tensor * 2 - 1).to(device=model.device, dtype=model.dtype)
+    return (tensor * 2 - 1).to(device=model.device, dtype=model.vae_dtype)
 
 
 def _initial_noise(
@@ -200,7 +231,7 @@ def _noised_image_latents(
     model: Model, scheduler: SchedulerMixin, generator: torch.Generator, posterior: Any, t: torch.Tensor
 ) -> torch.Tensor:
     # Same draw order as diffusers: first the VAE posterior sample, then the noise.
-    latents = posterior.sample(generator) * model.scaling_factor  # (1, C, H/f, W/f)
+    latents = posterior.sample(generator).to(model.dtype) * model.scaling_factor  # (1, C, H/f, W/f)
     noise = randn_tensor(latents.shape, generator=generator, device=model.device, dtype=model.dtype)
     noised: torch.Tensor = scheduler.add_noise(latents, noise, t)  # q(x_t | x_0), DDPM eq. 4
     return noised
@@ -246,6 +277,7 @@ def predict_noise(model: Model, samples: list[Sample]) -> list[torch.Tensor]:
             torch.cat(inputs),
             torch.cat(times).to(model.device),
             encoder_hidden_states=torch.cat([s.embeds for s in group]),
+            added_cond_kwargs=_added_rows(group),
         ).sample
         row = 0
         for i, s in zip(indices, group, strict=True):
@@ -256,6 +288,14 @@ def predict_noise(model: Model, samples: list[Sample]) -> list[torch.Tensor]:
                 pred = uncond + s.guidance * (cond - uncond)
             predictions[i] = pred
     return predictions
+
+
+def _added_rows(group: list[Sample]) -> dict[str, torch.Tensor] | None:
+    """The group's SDXL conditioning, stacked row for row like its prompt embeddings."""
+    first = group[0].added_cond
+    if first is None:
+        return None
+    return {name: torch.cat([s.added_cond[name] for s in group if s.added_cond is not None]) for name in first}
 
 
 @torch.inference_mode()
@@ -275,7 +315,8 @@ def denoise_step(model: Model, samples: list[Sample]) -> None:
 @torch.inference_mode()
 def decode(model: Model, samples: list[Sample]) -> list[Image.Image]:
     """VAE-decode finished samples (of one latent size) in one call."""
-    latents = torch.cat([s.latents for s in samples]) / model.scaling_factor  # (N, C, h, w)
+    # In fp32 for an SDXL VAE that overflows in fp16
+    latents = torch.cat([s.latents for s in samples]).to(model.vae_dtype) / model.scaling_factor  # (N, C, h, w)
     pixels = model.vae.decode(latents).sample  # (N, 3, H, W) in [-1, 1]
     pixels = (pixels / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
     return [Image.fromarray((p * 255).round().astype(np.uint8)) for p in pixels]
