@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import sqlite3
 
 import discord
 from discord import app_commands
@@ -71,9 +72,13 @@ class Admin(commands.Cog):
             target if target is not None else "",
             detail,
         )
-        await self.bot.store.log_admin_action(
-            actor.id, action, target=target, detail=detail, guild_id=interaction.guild_id
-        )
+        try:
+            await self.bot.store.log_admin_action(
+                actor.id, action, target=target, detail=detail, guild_id=interaction.guild_id
+            )
+        except sqlite3.Error as exc:  # the action is done already: say so, not that the request was refused
+            log.warning("could not record admin action %s by user %s in the database: %s", action, actor.id, exc)
+            sentence += " My database could not record it right now, so only the bot's log file has it."
         await interaction.followup.send(sentence, ephemeral=True, allowed_mentions=NO_PINGS)
 
     def _actor(self, interaction: Interaction) -> Actor:
