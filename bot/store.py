@@ -235,8 +235,7 @@ class Store:
         async with self._lock:
             if max_age:
                 cursor = await self._db.execute(
-                    f"UPDATE generations SET init_image = NULL, image_pruned = 1 WHERE {finished}"
-                    " AND created_at < ?",
+                    f"UPDATE generations SET init_image = NULL, image_pruned = 1 WHERE {finished} AND created_at < ?",
                     (time.time() - max_age,),
                 )
                 pruned += cursor.rowcount

@@ -203,7 +203,8 @@ def _to_tensor(image: Image.Image, model: Model) -> torch.Tensor:
     """PIL RGB -> (1, 3, H, W) in [-1, 1], as diffusers' VaeImageProcessor does it, in the VAE's dtype."""
     array = np.asarray(image, dtype=np.float32) / 255.0
     tensor = torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0)
-    return (tensor * 2 - 1).to(device=model.device, dtype=model.vae_dtype)
+    # Through the model's dtype first, as diffusers rounds the pixels before it upcasts them for an fp32 VAE.
+    return (tensor * 2 - 1).to(device=model.device, dtype=model.dtype).to(model.vae_dtype)
 
 
 def _initial_noise(

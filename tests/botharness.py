@@ -62,6 +62,17 @@ def result_id(message: FakeMessage) -> int | None:
     return None
 
 
+async def sentence(inter: FakeInteraction, timeout: float = 60.0) -> str:
+    """The one message an interaction ended with: ephemeral, text only, and alone (a "thinking" placeholder before
+    it was deleted). A button acknowledged as an update of its message has that message as its original: it was
+    there before the press, so it does not count."""
+    message = await inter.wait_message(lambda m: m.ephemeral and not m.loading and not m.deleted, timeout=timeout)
+    visible = [m for m in inter.messages if not m.deleted and m is not inter.source_message]
+    assert visible == [message], [(m.content, m.ephemeral) for m in visible]
+    assert not message.attachments and not message.components
+    return message.content
+
+
 def write_settings(tmp_path: Path, fake: FakeDiscord, *, discord: str = "") -> Settings:
     """Test settings: the tiny model, 3 steps by default, commands synced to the fake guild; `discord` adds lines
     to the [discord] table."""

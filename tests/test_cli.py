@@ -190,7 +190,16 @@ def test_ctrl_c_on_a_terminal_ends_the_bar_then_says_interrupted(tmp_path: Path)
     leader, follower = pty.openpty()
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
     command = [sys.executable, "-m", "sdengine", "imagine", "x", *TINY, "--steps", "150", "--out", "t.png"]
-    proc = subprocess.Popen(command, cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=follower)
+    # A shell without job control (CI's) starts background work with SIGINT ignored, and Python then installs no
+    # KeyboardInterrupt handler: give the CLI the default disposition a terminal would.
+    proc = subprocess.Popen(
+        command,
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=follower,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     os.close(follower)
     output, interrupted = b"", False
     deadline = time.monotonic() + 300  # a ceiling, not a pace: each wait ends as soon as output comes

@@ -49,9 +49,10 @@ from tests.botharness import (
     harness_fixture,
     png,
     result_id,
+    sentence,
     write_settings,
 )
-from tests.fakediscord import RESET, FakeAttachment, FakeDiscord, FakeInteraction, FakeMessage, Fault, RequestRecord
+from tests.fakediscord import RESET, FakeAttachment, FakeDiscord, FakeMessage, Fault, RequestRecord
 
 __all__ = ["fake_fixture", "harness_fixture"]  # fixtures used by name
 
@@ -121,16 +122,6 @@ async def wait_until(condition: Callable[[], bool], what: str, timeout: float = 
         if loop.time() > deadline:
             raise TimeoutError(f"not within {timeout} s: {what}")
         await asyncio.sleep(0.02)
-
-
-async def sentence(inter: FakeInteraction) -> str:
-    """The one message an interaction ended with: ephemeral, text only, and alone (a "thinking" placeholder before
-    it was deleted)."""
-    message = await inter.wait_message(lambda m: m.ephemeral and not m.loading and not m.deleted, timeout=WAIT)
-    visible = [m for m in inter.messages if not m.deleted]
-    assert visible == [message], [(m.content, m.ephemeral) for m in visible]
-    assert not message.attachments and not message.components
-    return message.content
 
 
 def bot_replies_to(fake: FakeDiscord, message: FakeMessage) -> list[FakeMessage]:

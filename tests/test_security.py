@@ -30,8 +30,8 @@ from bot.config import ConfigError, Settings, load_settings, parse_settings
 from bot.replies import BLOCKED
 from bot.store import Store
 from sdengine import GenerationRequest, Model, SafetyChecker, generate, load_model, save_model
-from tests.botharness import Harness, fake_fixture, harness_fixture, png, result_id, write_settings
-from tests.fakediscord import FakeDiscord, FakeInteraction, FakeMessage, FakeRole
+from tests.botharness import Harness, fake_fixture, harness_fixture, png, result_id, sentence, write_settings
+from tests.fakediscord import FakeDiscord, FakeMessage, FakeRole
 
 __all__ = ["fake_fixture", "harness_fixture"]  # fixtures used by name
 
@@ -46,16 +46,6 @@ def with_changes(settings: Settings, **sections: dict[str, object]) -> Settings:
     """`settings` with some keys of some sections replaced, e.g. limits={"cooldown_seconds": 60}."""
     changed = {name: dataclasses.replace(getattr(settings, name), **keys) for name, keys in sections.items()}
     return dataclasses.replace(settings, **changed)
-
-
-async def sentence(inter: FakeInteraction) -> str:
-    """The one message an interaction ended with: ephemeral, text only, and alone (a "thinking" placeholder before
-    it was deleted)."""
-    message = await inter.wait_message(lambda m: m.ephemeral and not m.loading and not m.deleted, timeout=WAIT)
-    visible = [m for m in inter.messages if not m.deleted]
-    assert visible == [message], [(m.content, m.ephemeral) for m in visible]
-    assert not message.attachments and not message.components
-    return message.content
 
 
 # ---- the token ---------------------------------------------------------------------------------------------

@@ -135,7 +135,7 @@ async def test_unreachable_discord_is_one_line_and_exit_3(tmp_path: Path) -> Non
         assert said(output)[0].startswith(line), output
         assert said(output)[0].endswith(": check the network"), output
         # The model was ready before the login was tried.
-        assert output.index("loaded model 'tiny'") < output.index("logging in"), output
+        assert output.index("loaded sd1 model 'tiny'") < output.index("logging in"), output
 
 
 # -- broken local setup: reported before any contact with Discord --------------------------------------------------
