@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,8 @@ class Model:
     text_encoder_2: CLIPTextModelWithProjection | None = None
     # The pipeline's own settings from model_index.json (SDXL: force_zeros_for_empty_prompt, requires_aesthetics_score)
     pipeline_config: dict[str, Any] = field(default_factory=dict)
+    # (prompt, negative) -> prompts.PromptEmbeddings, most recent last: rerolls and variations repeat prompts
+    prompt_cache: OrderedDict[tuple[str, str], Any] = field(default_factory=OrderedDict, repr=False, compare=False)
 
     @property
     def text_encoders(self) -> list[torch.nn.Module]:

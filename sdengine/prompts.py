@@ -12,7 +12,7 @@ the second one.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -20,6 +20,8 @@ from transformers import CLIPTokenizer
 
 from .errors import InvalidRequest
 from .models import Model
+
+PROMPT_CACHE_SIZE = 64  # (prompt, negative) pairs kept per model: a few MiB of embeddings for SD 1.5
 
 # A1111 writes a weight as `(text:1.3)`; compel reads the same as `(text)1.3`.
 _A1111_WEIGHT = re.compile(r"\(([^():]+):\s*([0-9]*\.?[0-9]+)\s*\)")
@@ -47,10 +49,25 @@ def encode_prompts(model: Model, prompt: str, negative: str) -> tuple[torch.Tens
 
 
 def encode_prompt_pair(model: Model, prompt: str, negative: str) -> PromptEmbeddings:
-    """Encode the negative and the positive prompt together, for any kind of model.
+    """Encode the negative and the positive prompt together, for any kind of model, through the model's cache of
+    the last `PROMPT_CACHE_SIZE` pairs. The cached tensors are shared: callers slice and concatenate them, never
+    write into them.
 
     T is the encoder's window (77) for prompts that fit it and a multiple of it for longer ones.
     """
+    cache, key = model.prompt_cache, (prompt, negative)
+    hit: PromptEmbeddings | None = cache.get(key)
+    if hit is not None:
+        cache.move_to_end(key)
+        return replace(hit, notices=list(hit.notices))
+    encoded = _encode(model, prompt, negative)
+    cache[key] = replace(encoded, notices=list(encoded.notices))
+    while len(cache) > PROMPT_CACHE_SIZE:
+        cache.popitem(last=False)
+    return encoded
+
+
+def _encode(model: Model, prompt: str, negative: str) -> PromptEmbeddings:
     window = int(model.tokenizer.model_max_length)
     texts = [negative, prompt]
     plain = not any(_WEIGHTING.search(t) for t in texts)

@@ -24,7 +24,7 @@ from sdengine import (
     load_model,
     read_parameters,
 )
-from sdengine.prompts import encode_prompts, to_compel_syntax
+from sdengine.prompts import PROMPT_CACHE_SIZE, encode_prompts, to_compel_syntax
 
 BAD_REQUESTS = {
     "empty prompt": GenerationRequest("   "),
@@ -96,6 +96,34 @@ def test_long_prompts_are_chunked_and_reported(tiny: Model) -> None:
     assert "chunks" in notices[0]
     result = generate(tiny, GenerationRequest(long_prompt, steps=2, seed=1))
     assert result.notices == notices
+
+
+def test_repeated_prompts_are_encoded_once_and_the_cache_is_bounded(tiny: Model) -> None:
+    """Rerolls and variations repeat their prompts: the text encoder runs once per (prompt, negative) pair among
+    the last PROMPT_CACHE_SIZE, with the same pixels as a fresh encoding."""
+    tiny.prompt_cache.clear()
+    calls: list[int] = []
+    hook = tiny.text_encoder.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        request = GenerationRequest("a (red:1.2) fox", negative="blurry", steps=2, seed=5)
+        first = generate(tiny, request)
+        per_pair = len(calls)  # compel runs the encoder once per text
+        assert per_pair > 0
+        again = generate(tiny, dataclasses.replace(request, seed=6, scheduler="ddim"))
+        assert len(calls) == per_pair and again.seeds == [6]
+        generate(tiny, dataclasses.replace(request, negative="dark"))  # another pair: encoded
+        assert len(calls) == 2 * per_pair
+
+        for i in range(PROMPT_CACHE_SIZE):  # pushes the first pair out, least recently used first
+            encode_prompts(tiny, f"prompt {i}", "")
+        assert len(tiny.prompt_cache) == PROMPT_CACHE_SIZE and ("a (red:1.2) fox", "blurry") not in tiny.prompt_cache
+        calls.clear()
+        fresh = generate(tiny, request)
+        assert len(calls) == per_pair
+        assert np.array_equal(np.asarray(fresh.images[0]), np.asarray(first.images[0]))
+    finally:
+        hook.remove()
+        tiny.prompt_cache.clear()
 
 
 def test_plain_prompts_match_the_text_encoder_and_compel(tiny: Model) -> None:
