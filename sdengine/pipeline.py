@@ -12,6 +12,7 @@ text embedding and the size "time ids" (`added_cond_kwargs`), and its VAE may ru
 from __future__ import annotations
 
 import inspect
+import logging
 import secrets
 import time
 import unicodedata
@@ -38,6 +39,8 @@ from .request import (
     ProgressCallback,
 )
 from .schedulers import SAMPLER_NAMES, make_scheduler
+
+log = logging.getLogger(__name__)
 
 MAX_PROMPT_CHARS = 2000
 MAX_SIDE = 2048
@@ -319,8 +322,22 @@ def decode(model: Model, samples: list[Sample]) -> list[Image.Image]:
     # In fp32 for an SDXL VAE that overflows in fp16
     latents = torch.cat([s.latents for s in samples]).to(model.vae_dtype) / model.scaling_factor  # (N, C, h, w)
     pixels = model.vae.decode(latents).sample  # (N, 3, H, W) in [-1, 1]
+    if model.vae_dtype != torch.float32 and not torch.isfinite(pixels).all():
+        pixels = _decode_in_fp32(model, latents)
     pixels = (pixels / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
     return [Image.fromarray((p * 255).round().astype(np.uint8)) for p in pixels]
+
+
+def _decode_in_fp32(model: Model, latents: torch.Tensor) -> torch.Tensor:
+    """The VAE overflowed in half precision (inf, then NaN: a black or noisy picture). Decode again in fp32, with
+    the VAE upcast for this call only, as diffusers' `upcast_vae` does."""
+    log.warning("the VAE overflowed in %s on %s: decoding again in fp32", model.vae_dtype, model.device)
+    model.vae.to(torch.float32)
+    try:
+        pixels: torch.Tensor = model.vae.decode(latents.float()).sample
+    finally:
+        model.vae.to(model.vae_dtype)
+    return pixels
 
 
 def preview(sample: Sample) -> Image.Image:

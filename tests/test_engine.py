@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import logging
 import math
 from pathlib import Path
 
@@ -204,3 +206,25 @@ def test_img2img_size_follows_the_init_image(tiny: Model) -> None:
     assert _resolve_size(tiny, GenerationRequest("x", height=32), wide) == (64, 32)
     assert _resolve_size(tiny, GenerationRequest("x", width=80, height=80), wide) == (80, 80)
     assert _resolve_size(tiny, GenerationRequest("x"), None) == (64, 64)
+
+
+def test_a_vae_that_overflows_in_fp16_decodes_again_in_fp32(caplog: pytest.LogCaptureFixture) -> None:
+    """A huge first decoder layer overflows fp16 (inf, then NaN through the group norms), never fp32: the picture
+    is the fp32 decode of the same latents, the warning says so, and the VAE is back in fp16 afterwards."""
+    from sdengine.pipeline import decode, prepare
+
+    model = load_model("tiny", device="cpu", dtype="fp16")
+    with torch.no_grad():
+        model.vae.decoder.conv_in.weight.mul_(2e4 / model.vae.decoder.conv_in.weight.abs().max())  # still < 65504
+    samples = prepare(model, GenerationRequest("a fox", steps=1, seed=3)).samples
+    latents = samples[0].latents.to(torch.float16) / model.scaling_factor
+    with torch.inference_mode():
+        assert not torch.isfinite(model.vae.decode(latents).sample).all()  # the overflow is real
+        expected = copy.deepcopy(model.vae).float().decode(latents.float()).sample
+
+    with caplog.at_level(logging.WARNING, logger="sdengine.pipeline"):
+        (image,) = decode(model, samples)
+    assert "decoding again in fp32" in caplog.text
+    assert model.vae.dtype == torch.float16
+    want = ((expected / 2 + 0.5).clamp(0, 1)[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    assert np.array_equal(np.asarray(image), want)
