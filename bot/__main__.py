@@ -11,8 +11,8 @@ rest is failed with a message to its user and a row in the database, and the dat
 stops it at once; what that leaves unfinished runs again at the next start.
 
 Exit status (also in --help), each failure with one line on stderr that says what to change:
-0 a clean stop, or --check passed; 1 the database or model cannot be used, or Discord refused the token or the
-intents; 2 a bad config or command line, or no token in the environment; 3 Discord cannot be reached at start
+0 a clean stop, or --check passed; 1 the database, model or Ray cluster cannot be used, or Discord refused the token
+or the intents; 2 a bad config or command line, or no token in the environment; 3 Discord cannot be reached at start
 (network, DNS, firewall, outage).
 """
 
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("bot")
 
 EXIT_OK = 0  # a clean stop, or --check passed
-EXIT_SETUP = 1  # the database or model cannot be used, or Discord refused the token or intents
+EXIT_SETUP = 1  # the database, model or Ray cluster cannot be used, or Discord refused the token or intents
 EXIT_CONFIG = 2  # a bad config file or command line, or no token in the environment
 EXIT_UNREACHABLE = 3  # Discord cannot be reached at start (network, DNS, firewall, outage): worth retrying later
 
@@ -51,7 +51,7 @@ The bot token is read from the environment variable DISCORD_TOKEN (another name 
 
 exit status:
   {EXIT_OK}  stopped cleanly (SIGTERM or Ctrl-C), or --check passed
-  {EXIT_SETUP}  the database or the model cannot be used, or Discord refused the token or the intents
+  {EXIT_SETUP}  the database, the model or the Ray cluster cannot be used, or Discord refused the token or the intents
   {EXIT_CONFIG}  bad config file or command line, or the token variable is not set
   {EXIT_UNREACHABLE}  Discord cannot be reached at start (network, DNS or firewall, or a Discord outage)
 Every failure is one line on stderr that says what to change.
@@ -105,11 +105,16 @@ def main(argv: list[str] | None = None) -> int:
     for warning in ("warn_nacl", "warn_dave"):  # the bot has no voice: its missing libraries are no news
         if hasattr(discord.VoiceClient, warning):
             setattr(discord.VoiceClient, warning, False)
+    model, cluster = None, None
     try:
-        # Everything that needs no network, before the login: a broken setup shows at once.
+        # Everything that needs no Discord, before the login: a broken setup shows at once.
         preflight.open_database(settings.storage.database)
-        log.info("loading model %r on %s (%s)", settings.model.path, settings.model.device, settings.model.dtype)
-        model = preflight.load_model(settings)
+        if settings.executor.backend == "ray":  # the workers load the model; this process loads no torch
+            log.info("starting the Ray workers at %r with model %r", settings.executor.ray.address, settings.model.path)
+            cluster = preflight.start_cluster(settings)
+        else:
+            log.info("loading model %r on %s (%s)", settings.model.path, settings.model.device, settings.model.dtype)
+            model = preflight.load_model(settings)
     except preflight.PreflightError as err:
         return fail(str(err), EXIT_SETUP)
     except KeyboardInterrupt:
@@ -136,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         for number in stop_signals:
             with contextlib.suppress(NotImplementedError):  # no signal handlers on Windows' event loop
                 loop.add_signal_handler(number, stop, number.name)
-        async with SDBot(settings, model=model) as bot:
+        async with SDBot(settings, model=model, cluster=cluster) as bot:
             await bot.start(token)  # never logged: discord.py sends it only in headers and IDENTIFY
 
     try:
@@ -154,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"Discord is unavailable (HTTP {err.status}): try again later", EXIT_UNREACHABLE)
     except StoreError as err:  # the second open, in setup_hook, can still meet a newer schema
         return fail(str(err), EXIT_SETUP)
+    finally:
+        if cluster is not None:
+            cluster.close()
     return EXIT_OK
 
 

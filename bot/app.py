@@ -1,6 +1,7 @@
 """The bot: settings, store, model and executor wired together, with the cogs loaded on top.
 
 Startup (`setup_hook`): open the store -> find the work a crash interrupted -> load the model -> start the executor
+(with `[executor] backend = "ray"`: start the Ray workers, which load the model, unless `sdbot` started them already)
 -> register the buttons -> run the interrupted work again -> load the cogs -> sync the slash commands.
 Shutdown (`close`): refuse new requests -> stop the executor after its current step (it fails what is queued or
 running, and each user is told) -> let runs finish their bookkeeping -> mark what never finished as failed -> close
@@ -13,7 +14,8 @@ token may be dead by then). One that was started `MAX_ATTEMPTS` times may be wha
 command, button press or reply that was acknowledged but crashed before its row was written is found in the
 `received` table, and its user is asked to send it again.
 
-Importing this module loads no torch: the executor is imported when the bot starts.
+Importing this module loads no torch: the executor is imported when the bot starts, and on the Ray backend the bot
+process never loads torch at all.
 """
 
 from __future__ import annotations
@@ -35,13 +37,15 @@ from bot.buttons import BUTTONS, rerun_view
 from bot.config import Settings
 from bot.generation import GenerationService
 from bot.output import DEFAULT_FILESIZE_LIMIT, Output
+from bot.preflight import executor_config, start_cluster
 from bot.render import File
 from bot.replies import BLOCKED, NO_PINGS, SORRY, Interaction, database_trouble, tell, user_message
 from bot.store import Generation, Received, Store
-from sdengine.jobs import ExecutorConfig
 
 if TYPE_CHECKING:
     from sdengine.executor import Executor
+    from sdengine.ray_cluster import Cluster
+    from sdengine.ray_executor import RayExecutor
 
 log = logging.getLogger(__name__)
 
@@ -144,13 +148,16 @@ class ResumedOutput(Output):
 
 
 class SDBot(commands.Bot):
-    """Pass `model` to reuse an already loaded one (tests do); otherwise `setup_hook` loads `settings.model`."""
+    """Pass `model` to reuse an already loaded one (tests do); otherwise `setup_hook` loads `settings.model`. With
+    `[executor] backend = "ray"`, pass `cluster` to use workers already started (`sdbot` does, before it logs in);
+    otherwise `setup_hook` starts them, and `close` stops them."""
 
     def __init__(
         self,
         settings: Settings,
         *,
         model: sdengine.Model | None = None,
+        cluster: Cluster | None = None,
         progress_interval: float = 2.0,
         **options: Any,
     ) -> None:
@@ -164,9 +171,11 @@ class SDBot(commands.Bot):
         )
         self.settings = settings
         self.progress_interval = progress_interval
-        self._model = model
+        self._model: sdengine.Model | sdengine.ModelInfo | None = model
+        self._cluster = cluster
+        self._owns_cluster = False
         self._store: Store | None = None
-        self._executor: Executor | None = None
+        self._executor: Executor | RayExecutor | None = None
         self._generations: GenerationService | None = None
         self._background: set[asyncio.Task[None]] = set()  # recovery and receipts: awaited by close()
         self._closed = False
@@ -174,7 +183,8 @@ class SDBot(commands.Bot):
 
     # Set up by setup_hook; the cogs only run after it.
     @property
-    def model(self) -> sdengine.Model:
+    def model(self) -> sdengine.Model | sdengine.ModelInfo:
+        """The loaded model, or on the Ray backend what the workers say about theirs."""
         assert self._model is not None, "setup_hook has not loaded the model"
         return self._model
 
@@ -184,7 +194,7 @@ class SDBot(commands.Bot):
         return self._store
 
     @property
-    def executor(self) -> Executor:
+    def executor(self) -> Executor | RayExecutor:
         assert self._executor is not None, "setup_hook has not started the executor"
         return self._executor
 
@@ -207,30 +217,12 @@ class SDBot(commands.Bot):
                 len(lost),
             )
 
-        if self._model is None:
-            model = settings.model
-            log.info("loading model %r on %s (%s)", model.path, model.device, model.dtype)
-            self._model = await asyncio.to_thread(
-                sdengine.load_model,
-                model.path,
-                device=model.device,
-                dtype=model.dtype,
-                safety_checker=settings.safety.checker != "off",
-            )
-        from sdengine.executor import Executor  # loads torch: only the bot that runs the model needs it
-
-        limits = settings.limits
-        self._executor = Executor(
-            self._model,
-            ExecutorConfig(
-                max_batch=limits.max_batch or None,
-                max_pending_per_owner=limits.max_pending_per_user,
-                max_queued=limits.max_queue,
-                job_timeout=limits.job_timeout_seconds,
-            ),
-        )
+        if settings.executor.backend == "ray":
+            self._executor = await self._start_ray()
+        else:
+            self._executor = await self._start_local()
         self._generations = GenerationService(
-            settings, self._store, self._executor, self._model, progress_interval=self.progress_interval
+            settings, self._store, self._executor, self.model, progress_interval=self.progress_interval
         )
         await self._generations.prune_init_images()
         self.add_dynamic_items(*BUTTONS)
@@ -249,6 +241,33 @@ class SDBot(commands.Bot):
             except Exception:
                 log.exception("could not load %s; the bot runs without it", extension)
         await self._sync_commands()
+
+    async def _start_local(self) -> Executor:
+        settings = self.settings
+        if self._model is None:
+            model = settings.model
+            log.info("loading model %r on %s (%s)", model.path, model.device, model.dtype)
+            self._model = await asyncio.to_thread(
+                sdengine.load_model,
+                model.path,
+                device=model.device,
+                dtype=model.dtype,
+                safety_checker=settings.safety.checker != "off",
+            )
+        from sdengine.executor import Executor  # loads torch: only the bot that runs the model needs it
+
+        assert not isinstance(self._model, sdengine.ModelInfo)
+        return Executor(self._model, executor_config(settings))
+
+    async def _start_ray(self) -> RayExecutor:
+        """The executor on the Ray workers; the bot process loads no model and no torch."""
+        from sdengine.ray_executor import RayExecutor
+
+        if self._cluster is None:
+            self._cluster = await asyncio.to_thread(start_cluster, self.settings)
+            self._owns_cluster = True
+        self._model = self._cluster.info
+        return RayExecutor(self._cluster, executor_config(self.settings))
 
     async def _sync_commands(self) -> None:
         """To the configured guilds (instant), or globally (Discord may take up to an hour to show them)."""
@@ -383,6 +402,8 @@ class SDBot(commands.Bot):
             for task in self._background:
                 task.cancel()
             await asyncio.wait(set(self._background))
+        if self._cluster is not None and self._owns_cluster:
+            await asyncio.to_thread(self._cluster.close)
         if self._store is not None:
             try:
                 await self._store.fail_unfinished("The bot shut down before this request finished.")

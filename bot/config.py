@@ -25,10 +25,12 @@ ENGINE_MAX_COUNT = 4
 ENGINE_MAX_GUIDANCE = 30.0
 ENGINE_MAX_PROMPT_CHARS = 2000
 
-SECTIONS = ("discord", "model", "storage", "defaults", "limits", "safety")
+SECTIONS = ("discord", "model", "storage", "defaults", "limits", "safety", "executor")
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 CHECKERS = ("auto", "on", "off")
+BACKENDS = ("local", "ray")
+RAY_ADDRESSES = ("auto", "local", "ray://HOST:PORT", "HOST:PORT")
 MAX_ID = 2**63 - 1  # Discord snowflakes fit a signed 64-bit int, as do TOML integers
 
 
@@ -95,6 +97,19 @@ class SafetySettings:
 
 
 @dataclass(frozen=True)
+class RaySettings:
+    address: str = "auto"  # "auto": the cluster this machine is part of; "local": start one here; "ray://HOST:PORT"
+    workers: int = 0  # workers to start; 0: one per GPU of the cluster
+    gpus_per_worker: float = 1.0  # 0 on a CPU-only cluster (then workers must be set)
+
+
+@dataclass(frozen=True)
+class ExecutorSettings:
+    backend: str = "local"  # "local": the model runs in the bot's process; "ray": on the workers of a Ray cluster
+    ray: RaySettings = field(default_factory=RaySettings)
+
+
+@dataclass(frozen=True)
 class Settings:
     discord: DiscordSettings = field(default_factory=DiscordSettings)
     model: ModelSettings = field(default_factory=ModelSettings)
@@ -102,6 +117,7 @@ class Settings:
     defaults: DefaultSettings = field(default_factory=DefaultSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
     safety: SafetySettings = field(default_factory=SafetySettings)
+    executor: ExecutorSettings = field(default_factory=ExecutorSettings)
 
     def token(self, env: Mapping[str, str] = os.environ) -> str:
         """The bot token from the environment variable named by `discord.token_env`."""
@@ -143,6 +159,8 @@ def parse_settings(data: Mapping[str, Any]) -> Settings:
     defaults = _Section("defaults", data)
     limits = _Section("limits", data)
     safety = _Section("safety", data)
+    executor = _Section("executor", data)
+    ray = executor.table_section("ray")
 
     limit_settings = LimitSettings(
         max_pending_per_user=limits.integer("max_pending_per_user", LimitSettings.max_pending_per_user, 1, 1000),
@@ -197,22 +215,46 @@ def parse_settings(data: Mapping[str, Any]) -> Settings:
         ),
         limits=limit_settings,
         safety=SafetySettings(checker=safety.choice("checker", SafetySettings.checker, CHECKERS)),
+        executor=_executor_settings(executor, ray),
     )
-    for section in (discord, model, storage, defaults, limits, safety):
+    for section in (discord, model, storage, defaults, limits, safety, executor, ray):
         section.check_unknown()
+    return settings
+
+
+def _executor_settings(executor: _Section, ray: _Section) -> ExecutorSettings:
+    settings = ExecutorSettings(
+        backend=executor.choice("backend", ExecutorSettings.backend, BACKENDS),
+        ray=RaySettings(
+            address=ray.ray_address("address", RaySettings.address),
+            workers=ray.integer("workers", RaySettings.workers, 0, 1024),
+            gpus_per_worker=ray.number("gpus_per_worker", RaySettings.gpus_per_worker, 0.0, 64.0),
+        ),
+    )
+    if settings.ray.workers == 0 and settings.ray.gpus_per_worker == 0:
+        raise ConfigError(
+            "executor.ray.workers: must be at least 1 when executor.ray.gpus_per_worker is 0 "
+            "(0 starts one worker per GPU, and CPU workers use none), not 0"
+        )
     return settings
 
 
 class _Section:
     """One [table] of the file; each reader checks one key's type and range and records it as known."""
 
-    def __init__(self, name: str, data: Mapping[str, Any]) -> None:
-        table = data.get(name, {})
+    def __init__(self, name: str, data: Mapping[str, Any], *, key: str | None = None) -> None:
+        key = key or name
+        table = data.get(key, {})
         if not isinstance(table, dict):
             raise ConfigError(f"{name}: must be a table ([{name}]), not {_show(table)}")
         self.name = name
         self.table: dict[str, Any] = table
         self.known: set[str] = set()
+
+    def table_section(self, key: str) -> _Section:
+        """The sub-table [NAME.KEY]."""
+        self.known.add(key)
+        return _Section(f"{self.name}.{key}", self.table, key=key)
 
     def _get(self, key: str) -> Any:
         self.known.add(key)
@@ -286,6 +328,16 @@ class _Section:
         if not isinstance(value, str) or not re.fullmatch(r"auto|cpu|cuda|cuda:\d+|mps", value):
             raise self._fail(key, f"one of {_names(DEVICES)}", value)
         return value
+
+    def ray_address(self, key: str, default: str) -> str:
+        value = self._get(key)
+        if value is None:
+            return default
+        host_port = r"[A-Za-z0-9.\-]+:([0-9]{1,5})"
+        match = re.fullmatch(rf"auto|local|(?:ray://)?{host_port}", value) if isinstance(value, str) else None
+        if match is None or (match.group(1) is not None and not 1 <= int(match.group(1)) <= 65535):
+            raise self._fail(key, f"one of {_names(RAY_ADDRESSES)}", value)
+        return str(value)
 
     def env_name(self, key: str, default: str) -> str:
         value = self._get(key)

@@ -34,8 +34,9 @@ from bot.replies import BLOCKED, SORRY, UserError, database_trouble
 from bot.store import Generation, Kind, NewGeneration, Store
 from sdengine.jobs import Done, Failed, Job, JobCancelled, Queued, Started, Step
 
-if TYPE_CHECKING:  # the executor module loads torch; the bot only holds one, made by the app
+if TYPE_CHECKING:  # the executor modules load torch or Ray; the bot only holds one, made by the app
     from sdengine.executor import Executor
+    from sdengine.ray_executor import RayExecutor
 
 log = logging.getLogger(__name__)
 
@@ -77,15 +78,15 @@ class GenerationService:
         self,
         settings: Settings,
         store: Store,
-        executor: Executor,
-        model: sdengine.Model,
+        executor: Executor | RayExecutor,
+        model: sdengine.Model | sdengine.ModelInfo,
         *,
         progress_interval: float = 2.0,
     ) -> None:
         self.settings = settings
         self.store = store
         self.executor = executor
-        self.model = model
+        self.model = sdengine.describe(model)  # names and sizes: the Ray backend has no model in this process
         self.policy = Policy(settings, model)
         self.downloader = Downloader(settings.limits.max_image_bytes)
         self.progress_interval = progress_interval

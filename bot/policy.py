@@ -22,20 +22,20 @@ log = logging.getLogger(__name__)
 class Policy:
     """The limits of `settings.limits`, the per-user cooldown, and whether results are safety-checked."""
 
-    def __init__(self, settings: Settings, model: sdengine.Model) -> None:
+    def __init__(self, settings: Settings, model: sdengine.Model | sdengine.ModelInfo) -> None:
         self.settings = settings
-        self.model = model
+        self.model = model = sdengine.describe(model)  # names and sizes only: on the Ray backend that is all there is
         self._last_submit: dict[int, float] = {}  # user id -> time.monotonic() of their last accepted request
 
         # The NSFW policy: check results with the model's safety checker (unless configured off), and black out
         # what it flags outside age-restricted channels. Without one, discord.nsfw_channels_only is the only guard.
         checker = settings.safety.checker
-        if checker == "on" and model.safety_checker is None:
+        if checker == "on" and not model.has_safety_checker:
             raise sdengine.ModelLoadError(
                 f'safety.checker is "on" but the model {model.name!r} has no safety_checker and feature_extractor '
                 'folders: use a model folder that has them, or set safety.checker to "auto" or "off".'
             )
-        self.safety_checks = checker != "off" and model.safety_checker is not None
+        self.safety_checks = checker != "off" and model.has_safety_checker
         if not self.safety_checks and not settings.discord.nsfw_channels_only:
             log.warning(
                 "no NSFW safety checker runs and discord.nsfw_channels_only is false: "
@@ -46,7 +46,7 @@ class Policy:
         """Why `request` may not run here, in one sentence; None if it may. An init image not yet fetched is
         costed at the model's native area, which is what `image_size` gives it."""
         try:
-            sdengine.check_inputs(self.model, request)
+            sdengine.check_for_model(self.model, request)
         except sdengine.InvalidRequest as exc:
             return str(exc)
         limits = self.settings.limits

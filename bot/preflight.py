@@ -1,9 +1,10 @@
-"""What can be checked without Discord: the database and the model.
+"""What can be checked without Discord: the database and the model, or the Ray cluster that runs it.
 
-`sdbot` runs `open_database` and `load_model` before it logs in, so a broken setup is reported at once, in one line,
-not after a network round trip. `sdbot --check` runs `check`: those two, then one tiny test generation.
+`sdbot` runs `open_database` and `load_model` (`start_cluster` with `[executor] backend = "ray"`) before it logs in,
+so a broken setup is reported at once, in one line, not after a network round trip. `sdbot --check` runs `check`:
+those two, then one tiny test generation.
 
-Importing this module loads torch (through sdengine), which takes seconds: import it only once the config is read.
+Importing this module loads no torch: `load_model` does, and on the Ray backend only the workers ever load it.
 """
 
 from __future__ import annotations
@@ -13,10 +14,15 @@ import sqlite3
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import sdengine
 from bot.config import ConfigError, Settings
 from bot.store import Store, StoreError
+from sdengine.jobs import ExecutorConfig
+
+if TYPE_CHECKING:  # Ray is an optional extra, imported only by `start_cluster`
+    from sdengine.ray_cluster import Cluster
 
 
 class PreflightError(Exception):
@@ -57,11 +63,46 @@ def load_model(settings: Settings) -> sdengine.Model:
         raise PreflightError(f"model {model.path!r} cannot be loaded: {_describe(err)}") from err
 
 
-def generate_test_image(model: sdengine.Model, settings: Settings) -> sdengine.GenerationResult:
+def executor_config(settings: Settings) -> ExecutorConfig:
+    """The executor's settings from `[limits]`, for either backend."""
+    limits = settings.limits
+    return ExecutorConfig(
+        max_batch=limits.max_batch or None,
+        max_pending_per_owner=limits.max_pending_per_user,
+        max_queued=limits.max_queue,
+        job_timeout=limits.job_timeout_seconds,
+    )
+
+
+def start_cluster(settings: Settings) -> Cluster:
+    """Connect to `[executor.ray]` and start its workers, each with `[model]` loaded. An unreachable cluster, too few
+    GPUs or a model that does not load on the workers raises PreflightError, and nothing is left running."""
+    try:
+        from sdengine.ray_cluster import ClusterError
+        from sdengine.ray_cluster import start_cluster as start
+        from sdengine.ray_worker import ModelSpec
+    except ImportError as err:
+        raise PreflightError(
+            f'[executor] backend = "ray" needs Ray ({err.name or err} is missing): pip install "sdbot[ray]"'
+        ) from err
+    model, ray = settings.model, settings.executor.ray
+    spec = ModelSpec(model.path, model.device, model.dtype, safety_checker=settings.safety.checker != "off")
+    try:
+        return start(ray.address, ray.workers, ray.gpus_per_worker, spec, executor_config(settings))
+    except ClusterError as err:
+        raise PreflightError(str(err)) from err
+    except Exception as err:  # Ray's own errors: still the setup, never a traceback
+        raise PreflightError(
+            f"the Ray cluster at {ray.address!r} cannot be used: {_describe(err)}: check [executor.ray]"
+        ) from err
+
+
+def preflight_request(info: sdengine.ModelInfo | sdengine.Model, settings: Settings) -> sdengine.GenerationRequest:
     """One step at the smallest size the model allows, with the configured scheduler and guidance: it runs every
     part of the pipeline (text encoder, UNet, scheduler, VAE, safety checker) in well under a second on a GPU."""
-    side = 8 * model.latent_factor  # the smallest side check_inputs accepts
-    request = sdengine.GenerationRequest(
+    info = sdengine.describe(info)
+    side = 8 * info.latent_factor  # the smallest side check_inputs accepts
+    return sdengine.GenerationRequest(
         "a preflight check",
         negative=settings.defaults.negative,
         scheduler=settings.defaults.scheduler,
@@ -70,12 +111,33 @@ def generate_test_image(model: sdengine.Model, settings: Settings) -> sdengine.G
         seed=0,
         width=side,
         height=side,
-        safety_check=model.safety_checker is not None,
+        safety_check=info.has_safety_checker,
     )
+
+
+def generate_test_image(model: sdengine.Model, settings: Settings) -> sdengine.GenerationResult:
+    """The test request, run in this process."""
     try:
-        return sdengine.generate(model, request)
+        return sdengine.generate(model, preflight_request(model, settings))
     except Exception as err:  # OutOfMemory, a CUDA error, ...: the one line is what the operator needs
         raise PreflightError(f"the test generation failed: {_describe(err)}") from err
+
+
+def generate_on_cluster(cluster: Cluster, settings: Settings) -> sdengine.GenerationResult:
+    """The test request, run on one of the cluster's workers."""
+    from sdengine.ray_executor import RayExecutor
+
+    async def run() -> sdengine.GenerationResult:
+        executor = RayExecutor(cluster, executor_config(settings))
+        try:
+            return await executor.submit(preflight_request(cluster.info, settings), "preflight").result()
+        finally:
+            await executor.shutdown()
+
+    try:
+        return asyncio.run(run())
+    except Exception as err:
+        raise PreflightError(f"the test generation on the Ray cluster failed: {_describe(err)}") from err
 
 
 def check(
@@ -92,25 +154,50 @@ def check(
     open_database(settings.storage.database)
     say(f"database {str(settings.storage.database)!r} ok")
 
-    started = time.perf_counter()
-    model = load_model(settings)
-    checker = "with" if model.safety_checker is not None else "without"
-    say(
-        f"model {model.name!r} loaded on {model.device} ({str(model.dtype).removeprefix('torch.')}, {checker} a safety"
-        f" checker) in {time.perf_counter() - started:.1f} s"
-    )
-
-    started = time.perf_counter()
-    result = generate_test_image(model, settings)
-    say(
-        f"test image generated ({result.width}x{result.height}, 1 {result.scheduler} step) in"
-        f" {time.perf_counter() - started:.1f} s"
-    )
+    if settings.executor.backend == "ray":
+        _check_cluster(settings, say)
+    else:
+        _check_local(settings, say)
 
     try:
         settings.token(env)
     except ConfigError as err:
         say(f"warning: {err} before you start the bot")
+
+
+def _check_local(settings: Settings, say: Callable[[str], None]) -> None:
+    started = time.perf_counter()
+    model = load_model(settings)
+    checker = "with" if model.safety_checker is not None else "without"
+    say(
+        f"model {model.name!r} loaded on {model.device} ({str(model.dtype).removeprefix('torch.')}, {checker} a "
+        f"safety checker) in {time.perf_counter() - started:.1f} s"
+    )
+    started = time.perf_counter()
+    _say_generated(generate_test_image(model, settings), started, say)
+
+
+def _check_cluster(settings: Settings, say: Callable[[str], None]) -> None:
+    started = time.perf_counter()
+    cluster = start_cluster(settings)
+    try:
+        info, nodes = cluster.info, sorted({r.node for r in cluster.ready})
+        checker = "with" if info.has_safety_checker else "without"
+        say(
+            f"Ray cluster at {cluster.address!r}: {len(cluster.actors)} workers on {', '.join(nodes)} loaded model "
+            f"{info.name!r} ({checker} a safety checker) in {time.perf_counter() - started:.1f} s"
+        )
+        started = time.perf_counter()
+        _say_generated(generate_on_cluster(cluster, settings), started, say)
+    finally:
+        cluster.close()
+
+
+def _say_generated(result: sdengine.GenerationResult, started: float, say: Callable[[str], None]) -> None:
+    say(
+        f"test image generated ({result.width}x{result.height}, 1 {result.scheduler} step) in"
+        f" {time.perf_counter() - started:.1f} s"
+    )
 
 
 def _describe(err: BaseException) -> str:

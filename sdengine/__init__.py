@@ -15,6 +15,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from .errors import Cancelled, InvalidRequest, ModelLoadError, OutOfMemory, SDEngineError
+from .info import ModelInfo, check_for_model, describe
 from .request import (
     DEFAULT_MODEL,
     MAX_SEED,
@@ -73,14 +74,17 @@ __all__ = [
     "GenerationResult",
     "InvalidRequest",
     "Model",
+    "ModelInfo",
     "ModelLoadError",
     "OutOfMemory",
     "Progress",
     "SDEngineError",
     "SafetyChecker",
+    "check_for_model",
     "check_inputs",
     "check_request",
     "decode_image",
+    "describe",
     "generate",
     "image_grid",
     "load_model",

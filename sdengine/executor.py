@@ -206,9 +206,7 @@ class Executor:
 
     def _cancel_queued(self, job: Job) -> None:
         with self._lock:
-            if self._queue.remove(job):  # else running or finished: the worker handles it between steps
-                job._emit(JobCancelled())
-                self._queue.announce_positions()
+            self._queue.cancel(job)  # False if running or finished: the worker handles it between steps
 
     # ---- worker thread: supervision ------------------------------------------------------------------
 

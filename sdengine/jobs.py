@@ -62,11 +62,20 @@ class ExecutorConfig:
     probe_after_steps: int = 50  # full, OOM-free steps before a lowered max_batch tries one image more
 
 
-# Events, in the order a job sees them: Queued* Started Step* then one of Done / Failed / JobCancelled.
+# Events, in the order a job sees them: Queued* Started Step* then one of Done / Failed / JobCancelled. On the Ray
+# backend a worker that dies mid-job adds `Retried` (a `Queued`), and the job starts again: Queued* Started Step* ...
 @dataclass(frozen=True)
 class Queued:
     position: int  # 1 = next to start
     length: int
+
+
+@dataclass(frozen=True)
+class Retried(Queued):
+    """Back in the queue after the worker running it died (Ray backend): it runs again from the start, same seed."""
+
+    attempt: int = 2  # the start that comes next
+    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -112,6 +121,7 @@ class ExecutorStats:
     paused: bool = False
     down: bool = False  # the worker stopped for good: `submit` raises `ExecutorDown`
     down_reason: str = ""  # why, for admins; empty while up
+    workers: int = 1  # workers serving: the Ray backend has several
 
 
 class Job:
@@ -217,6 +227,13 @@ class FairQueue:
     def push(self, job: Job) -> None:
         self._lanes.setdefault(job.owner, deque()).append(job)
 
+    def push_front(self, job: Job) -> None:
+        """Put a job that must run again at the very front: its owner's lane first, that lane next in turn."""
+        lane = self._lanes.pop(job.owner, deque())
+        lane.appendleft(job)
+        self._lanes[job.owner] = lane
+        self._lanes.move_to_end(job.owner, last=False)
+
     def pop(self) -> Job | None:
         """The next job that is not cancelled; its owner goes to the back of the line."""
         while self._lanes:
@@ -228,6 +245,14 @@ class FairQueue:
             if not job.cancel_requested:
                 return job
         return None
+
+    def cancel(self, job: Job) -> bool:
+        """Take a cancelled job out of the queue and tell it; False if it was not queued (running or finished)."""
+        if not self.remove(job):
+            return False
+        job._emit(JobCancelled())
+        self.announce_positions()
+        return True
 
     def remove(self, job: Job) -> bool:
         lane = self._lanes.get(job.owner)

@@ -27,6 +27,7 @@ from PIL import Image
 
 from .errors import Cancelled, InvalidRequest
 from .images import decode_image, fit_image, format_parameters, latents_preview, png_bytes
+from .info import check_sides
 from .models import Model
 from .prompts import encode_prompt_pair
 from .request import (
@@ -74,14 +75,7 @@ def check_inputs(model: Model, request: GenerationRequest) -> None:
         raise InvalidRequest(f"The seed must be between 0 and {MAX_SEED}, not {request.seed}.")
     if request.image is not None and not 0 < request.strength <= 1:
         raise InvalidRequest(f"Strength must be above 0 and at most 1, not {request.strength}.")
-    factor, low = model.latent_factor, 8 * model.latent_factor
-    for name, side in (("width", request.width), ("height", request.height)):
-        if side is None:
-            continue
-        if not low <= side <= MAX_SIDE:
-            raise InvalidRequest(f"The {name} must be between {low} and {MAX_SIDE} pixels, not {side}.")
-        if side % factor:
-            raise InvalidRequest(f"The {name} must be a multiple of {factor} for this model, not {side}.")
+    check_sides(model.latent_factor, request)
 
 
 def _visible(text: str) -> bool:

@@ -1,0 +1,70 @@
+"""What the bot needs to know about a model, without torch: its name, sizes and whether it has a safety checker.
+
+A local executor describes the model it loaded; on the Ray backend the workers describe theirs, and the bot
+process loads no model at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from .errors import InvalidRequest
+from .request import MAX_SIDE, GenerationRequest, check_request
+
+
+class _Described(Protocol):
+    """The parts of `sdengine.Model` that `describe` reads (a Protocol, so this module needs no torch)."""
+
+    name: str
+
+    @property
+    def native_size(self) -> int: ...
+
+    @property
+    def latent_factor(self) -> int: ...
+
+    @property
+    def safety_checker(self) -> object | None: ...
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    native_size: int  # the image side the UNet was built for (512 for SD 1.5)
+    latent_factor: int  # pixels per latent cell along each side (8 for SD 1.5)
+    has_safety_checker: bool
+    device: str = ""  # e.g. "cuda", for the logs
+    dtype: str = ""  # e.g. "float16"
+
+
+def describe(model: _Described | ModelInfo) -> ModelInfo:
+    """A loaded `sdengine.Model` (or a description already) as a `ModelInfo`."""
+    if isinstance(model, ModelInfo):
+        return model
+    return ModelInfo(
+        name=model.name,
+        native_size=model.native_size,
+        latent_factor=model.latent_factor,
+        has_safety_checker=model.safety_checker is not None,
+        device=str(getattr(model, "device", "")),
+        dtype=str(getattr(model, "dtype", "")).removeprefix("torch."),
+    )
+
+
+def check_for_model(info: ModelInfo, request: GenerationRequest) -> None:
+    """`pipeline.check_inputs` without torch: `check_request`, then the sizes this model's latent factor allows."""
+    check_request(request)
+    check_sides(info.latent_factor, request)
+
+
+def check_sides(factor: int, request: GenerationRequest) -> None:
+    """Width and height a model with latent factor `factor` can draw: 8 latent cells at least, whole cells."""
+    low = 8 * factor
+    for name, side in (("width", request.width), ("height", request.height)):
+        if side is None:
+            continue
+        if not low <= side <= MAX_SIDE:
+            raise InvalidRequest(f"The {name} must be between {low} and {MAX_SIDE} pixels, not {side}.")
+        if side % factor:
+            raise InvalidRequest(f"The {name} must be a multiple of {factor} for this model, not {side}.")
