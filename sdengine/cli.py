@@ -93,6 +93,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     imagine.add_argument("--dtype", metavar="T", default="auto", help="auto, fp32, fp16 or bf16 (default: %(default)s)")
     imagine.add_argument(
+        "--memory",
+        choices=("auto", "fast", "low"),
+        default="auto",
+        help="low: sliced attention, a tiled VAE and text encoders off the GPU between uses, for small GPUs; "
+        "auto picks from free GPU memory (default: %(default)s)",
+    )
+    imagine.add_argument(
         "--scheduler", default=_DEFAULTS.scheduler, choices=SCHEDULERS, help="sampler (default: %(default)s)"
     )
     imagine.add_argument(
@@ -235,7 +242,7 @@ def _imagine(args: argparse.Namespace) -> int:
     from .models import load_model
     from .pipeline import check_inputs, generate
 
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    model = load_model(args.model, device=args.device, dtype=args.dtype, memory=args.memory)
     check_inputs(model, request)
 
     # 3. Generate, then write one PNG per image, and a grid for more than one.

@@ -30,6 +30,12 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 KINDS = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL"}
 # Built-in random-weight models (sdengine.tiny) for tests and offline smoke runs.
 BUILT_IN = ("tiny", "tiny-xl")
+# `memory`: "fast" keeps everything on the device whole; "low" slices attention, decodes and encodes the VAE in
+# slices and tiles, and keeps the text encoders on the CPU between uses; "auto" picks one from free GPU memory.
+MEMORY_MODES = ("auto", "fast", "low")
+# "auto" picks "low" when less than this is free once the weights are on the GPU: about a batch of 4 at the
+# native size (SD 1.x/2.x at 512-768 px, SDXL at 1024 px), in fp16.
+LOW_MEMORY_BELOW = {"sd1": 3 * 2**30, "sd2": 4 * 2**30, "sdxl": 8 * 2**30}
 
 
 @dataclass
@@ -51,6 +57,7 @@ class Model:
     text_encoder_2: CLIPTextModelWithProjection | None = None
     # The pipeline's own settings from model_index.json (SDXL: force_zeros_for_empty_prompt, requires_aesthetics_score)
     pipeline_config: dict[str, Any] = field(default_factory=dict)
+    memory: str = "fast"  # "fast" or "low", after "auto" is resolved; see MEMORY_MODES
     # (prompt, negative) -> prompts.PromptEmbeddings, most recent last: rerolls and variations repeat prompts
     prompt_cache: OrderedDict[tuple[str, str], Any] = field(default_factory=OrderedDict, repr=False, compare=False)
 
@@ -123,13 +130,20 @@ def pick_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.device
 
 
 def load_model(
-    source: str = DEFAULT_MODEL, *, device: str = "auto", dtype: str = "auto", safety_checker: bool = True
+    source: str = DEFAULT_MODEL,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    safety_checker: bool = True,
+    memory: str = "auto",
 ) -> Model:
     """Load a model from `tiny`, `tiny-xl`, a local diffusers folder, a single .safetensors file, or a hub id.
 
     With `safety_checker`, a folder's (or hub snapshot's) `safety_checker/` and `feature_extractor/` are loaded too,
-    when it has them; the built-in models and single files have none.
+    when it has them; the built-in models and single files have none. `memory` is one of MEMORY_MODES.
     """
+    if memory not in MEMORY_MODES:
+        raise ModelLoadError(f"Unknown memory mode {memory!r}: use auto, fast or low.")
     torch_device, torch_dtype = pick_device(device, dtype)
     path = Path(source).expanduser()
     if source in BUILT_IN:
@@ -159,8 +173,30 @@ def load_model(
             model.safety_checker = SafetyChecker.load(folder, torch_device, torch_dtype)
         except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
             raise ModelLoadError(f"The safety checker in {str(folder)!r} is damaged ({_first_line(exc)}).") from exc
-    log.info("loaded %s model %r on %s (%s)", model.kind, source, torch_device, torch_dtype)
+    _set_memory_mode(model, memory)
+    log.info("loaded %s model %r on %s (%s), memory %s", model.kind, source, torch_device, torch_dtype, model.memory)
     return model
+
+
+def memory_mode_for(kind: str, free_bytes: int) -> str:
+    """What `memory = "auto"` picks on a GPU with `free_bytes` free once the weights are on it."""
+    return "low" if free_bytes < LOW_MEMORY_BELOW[kind] else "fast"
+
+
+def _set_memory_mode(model: Model, memory: str) -> None:
+    if memory == "auto":
+        memory = "fast"
+        if model.device.type == "cuda":
+            free, _total = torch.cuda.mem_get_info(model.device)
+            memory = memory_mode_for(model.kind, free)
+            log.info("memory auto: %.1f GiB free on %s, so %r", free / 2**30, model.device, memory)
+    model.memory = memory
+    if memory == "low":
+        model.unet.set_attention_slice("auto")  # attention in two halves of the heads: lower peak, same result
+        model.vae.enable_slicing()  # one image of a batch at a time
+        model.vae.enable_tiling()  # overlapping tiles, blended: big images in bounded memory
+        for encoder in model.text_encoders:  # brought to the device only to encode (sdengine.prompts)
+            encoder.to("cpu")
 
 
 def _check_time_embedding(model: Model) -> None:

@@ -11,7 +11,9 @@ the second one.
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -60,11 +62,27 @@ def encode_prompt_pair(model: Model, prompt: str, negative: str) -> PromptEmbedd
     if hit is not None:
         cache.move_to_end(key)
         return replace(hit, notices=list(hit.notices))
-    encoded = _encode(model, prompt, negative)
+    with _encoders_on_device(model):
+        encoded = _encode(model, prompt, negative)
     cache[key] = replace(encoded, notices=list(encoded.notices))
     while len(cache) > PROMPT_CACHE_SIZE:
         cache.popitem(last=False)
     return encoded
+
+
+@contextlib.contextmanager
+def _encoders_on_device(model: Model) -> Iterator[None]:
+    """With `memory = "low"` the text encoders wait on the CPU; they come to the GPU only while they encode."""
+    offloaded = model.memory == "low" and model.device.type != "cpu"
+    if offloaded:
+        for encoder in model.text_encoders:
+            encoder.to(model.device)
+    try:
+        yield
+    finally:
+        if offloaded:
+            for encoder in model.text_encoders:
+                encoder.to("cpu")
 
 
 def _encode(model: Model, prompt: str, negative: str) -> PromptEmbeddings:

@@ -26,6 +26,7 @@ from sdengine import (
     load_model,
     read_parameters,
 )
+from sdengine.models import memory_mode_for
 from sdengine.prompts import PROMPT_CACHE_SIZE, encode_prompts, to_compel_syntax
 
 BAD_REQUESTS = {
@@ -228,3 +229,11 @@ def test_a_vae_that_overflows_in_fp16_decodes_again_in_fp32(caplog: pytest.LogCa
     assert model.vae.dtype == torch.float16
     want = ((expected / 2 + 0.5).clamp(0, 1)[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     assert np.array_equal(np.asarray(image), want)
+
+
+def test_memory_modes_are_checked_and_auto_follows_free_gpu_memory() -> None:
+    with pytest.raises(ModelLoadError, match=r"Unknown memory mode 'huge': use auto, fast or low\."):
+        load_model("tiny", device="cpu", memory="huge")
+    assert load_model("tiny", device="cpu").memory == "fast"  # auto, without a GPU to measure
+    assert memory_mode_for("sd1", 2 * 2**30) == "low" and memory_mode_for("sd1", 20 * 2**30) == "fast"
+    assert memory_mode_for("sdxl", 6 * 2**30) == "low"  # enough for SD 1.5, not for SDXL at 1024 px

@@ -127,3 +127,32 @@ def test_guidance_changes_the_picture(tiny_folder: Path) -> None:
     a = generate(model, base).images[0]
     b = generate(model, GenerationRequest(PROMPT, steps=STEPS, seed=7, guidance=12.0)).images[0]
     assert _max_diff(a, b) > 1
+
+
+@pytest.mark.parametrize("mode", ["txt2img", "img2img"])
+def test_low_memory_mode_matches_diffusers_with_sliced_attention_and_a_tiled_vae(tiny_folder: Path, mode: str) -> None:
+    """`memory = "low"` at a size past the VAE's tile (64 px for tiny): the same pixels as diffusers with
+    `enable_tiling()` and attention slicing, and not the same as the untiled decode, so the tiles did run."""
+    low = load_model(str(tiny_folder), device="cpu", memory="low")
+    assert low.memory == "low" and low.vae.use_tiling and low.vae.use_slicing
+    width, height = 128, 96
+    init = _reference_image(width, height) if mode == "img2img" else None
+    request = GenerationRequest(
+        PROMPT, steps=3, guidance=7.5, seed=21, width=width, height=height, image=init, strength=0.7
+    )
+    ours = generate(low, request).images[0]
+
+    kwargs = _pipeline_kwargs(tiny_folder, request.scheduler)
+    pipe = StableDiffusionImg2ImgPipeline(**kwargs) if init else StableDiffusionPipeline(**kwargs)
+    pipe.vae.enable_tiling()
+    pipe.unet.set_attention_slice("auto")
+    size: dict[str, Any] = {"image": Image.open(io.BytesIO(init)), "strength": 0.7} if init else {}
+    if not init:
+        size.update(width=width, height=height)
+    theirs = pipe(
+        PROMPT, num_inference_steps=3, guidance_scale=7.5, generator=torch.Generator("cpu").manual_seed(21), **size
+    ).images[0]
+    assert _max_diff(ours, theirs) <= 1
+
+    fast = generate(load_model(str(tiny_folder), device="cpu", memory="fast"), request).images[0]
+    assert _max_diff(ours, fast) > 1
