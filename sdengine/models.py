@@ -173,7 +173,7 @@ def load_model(
             model.safety_checker = SafetyChecker.load(folder, torch_device, torch_dtype)
         except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
             raise ModelLoadError(f"The safety checker in {str(folder)!r} is damaged ({_first_line(exc)}).") from exc
-    _set_memory_mode(model, memory)
+    set_memory_mode(model, memory)
     log.info("loaded %s model %r on %s (%s), memory %s", model.kind, source, torch_device, torch_dtype, model.memory)
     return model
 
@@ -183,7 +183,8 @@ def memory_mode_for(kind: str, free_bytes: int) -> str:
     return "low" if free_bytes < LOW_MEMORY_BELOW[kind] else "fast"
 
 
-def _set_memory_mode(model: Model, memory: str) -> None:
+def set_memory_mode(model: Model, memory: str) -> None:
+    """Set the model up for `memory` (one of MEMORY_MODES); `load_model` does it."""
     if memory == "auto":
         memory = "fast"
         if model.device.type == "cuda":
