@@ -111,7 +111,8 @@ class RayExecutor:
         self._paused = False
         self._stopping = False
         self._tasks: set[asyncio.Task[None]] = set()
-        self._polls = {w.index: self._spawn(self._poll(w)) for w in self._workers}
+        for worker in self._workers:
+            self._spawn(self._poll(worker))
 
     # ---- the executor API ------------------------------------------------------------------------------
 
@@ -226,7 +227,7 @@ class RayExecutor:
                 self._died(worker, exc)
                 await self._revive(worker)
                 continue
-            except ray.exceptions.RayError:  # e.g. a report that did not unpickle: the worker itself is up
+            except Exception:  # e.g. a report that did not unpickle: the worker itself is up
                 log.exception("polling Ray worker %d (pid %d) failed; polling again", worker.index, worker.pid)
                 await asyncio.sleep(1.0)
                 continue

@@ -29,7 +29,19 @@ import sdengine
 from bot.app import SDBot
 from bot.config import ExecutorSettings, RaySettings
 from sdengine import Cancelled, GenerationRequest, Model
-from sdengine.jobs import Done, Event, ExecutorConfig, ExecutorDown, Job, JobCancelled, Queued, Retried, Started, Step
+from sdengine.jobs import (
+    Done,
+    Event,
+    ExecutorConfig,
+    ExecutorDown,
+    Failed,
+    Job,
+    JobCancelled,
+    Queued,
+    Retried,
+    Started,
+    Step,
+)
 from tests.botharness import COMMANDS, Harness, fake_fixture, harness_fixture, pixels, result_id
 from tests.fakediscord import run_client
 
@@ -205,10 +217,24 @@ async def test_a_killed_worker_s_job_runs_again_elsewhere_with_the_same_pixels(
     assert pid not in {w.pid for w in executor._workers}
 
 
-async def test_no_worker_alive_refuses_at_once(cluster: Cluster) -> None:
+async def test_three_deaths_fail_the_job_and_no_worker_alive_refuses_at_once(cluster: Cluster) -> None:
     lone = start_cluster("local", 1, 0, ModelSpec("tiny"), CONFIG)
     executor = RayExecutor(lone, CONFIG, poll_wait=2.0)
     try:
+        job = executor.submit(request(5, steps=30), "alice")
+        events: list[Event] = []
+        for attempt in range(1, 4):  # its only worker dies under it three times, restarted by Ray each time
+            events += await first(job, Step)
+            pid = executor.worker_of(job)
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
+            if attempt < 3:
+                events += await first(job, Retried)
+        events += await asyncio.wait_for(events_of(job), CEILING)
+        assert [e.attempt for e in events if isinstance(e, Retried)] == [2, 3]
+        assert isinstance(events[-1], Failed) and "stopped 3 times" in str(events[-1].error)
+
+        await until(lambda: executor.stats().workers == 1, "the worker is restarted once more")
         assert not executor.stats().down
         ray.kill(lone.actors[0], no_restart=True)
         await until(lambda: executor.stats().down, "stats say the executor is down")
