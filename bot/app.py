@@ -253,6 +253,7 @@ class SDBot(commands.Bot):
                 device=model.device,
                 dtype=model.dtype,
                 safety_checker=settings.safety.checker != "off",
+                memory=model.memory,
             )
         from sdengine.executor import Executor  # loads torch: only the bot that runs the model needs it
 

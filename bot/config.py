@@ -28,6 +28,7 @@ ENGINE_MAX_PROMPT_CHARS = 2000
 SECTIONS = ("discord", "model", "storage", "defaults", "limits", "safety", "executor")
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 DTYPES = ("auto", "fp32", "fp16", "bf16")
+MEMORY_MODES = ("auto", "fast", "low")
 CHECKERS = ("auto", "on", "off")
 BACKENDS = ("local", "ray")
 RAY_ADDRESSES = ("auto", "local", "ray://HOST:PORT", "HOST:PORT")
@@ -56,6 +57,7 @@ class ModelSettings:
     path: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # hub id, diffusers folder, .safetensors or "tiny"
     device: str = "auto"
     dtype: str = "auto"
+    memory: str = "auto"  # "fast", "low" (small GPUs) or "auto" (picked from free GPU memory)
 
 
 @dataclass(frozen=True)
@@ -196,6 +198,7 @@ def parse_settings(data: Mapping[str, Any]) -> Settings:
             path=model.text("path", ModelSettings.path, allow_empty=False),
             device=model.device("device", ModelSettings.device),
             dtype=model.choice("dtype", ModelSettings.dtype, DTYPES),
+            memory=model.choice("memory", ModelSettings.memory, MEMORY_MODES),
         ),
         storage=StorageSettings(
             database=Path(storage.text("database", str(StorageSettings.database), allow_empty=False)),

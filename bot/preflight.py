@@ -55,7 +55,11 @@ def load_model(settings: Settings) -> sdengine.Model:
     model = settings.model
     try:
         return sdengine.load_model(
-            model.path, device=model.device, dtype=model.dtype, safety_checker=settings.safety.checker != "off"
+            model.path,
+            device=model.device,
+            dtype=model.dtype,
+            safety_checker=settings.safety.checker != "off",
+            memory=model.memory,
         )
     except sdengine.SDEngineError as err:
         raise PreflightError(f"model {model.path!r} cannot be loaded: {err}") from err
@@ -86,7 +90,7 @@ def start_cluster(settings: Settings) -> Cluster:
             f'[executor] backend = "ray" needs Ray ({err.name or err} is missing): pip install "sdbot[ray]"'
         ) from err
     model, ray = settings.model, settings.executor.ray
-    spec = ModelSpec(model.path, model.device, model.dtype, safety_checker=settings.safety.checker != "off")
+    spec = ModelSpec(model.path, model.device, model.dtype, settings.safety.checker != "off", model.memory)
     try:
         return start(ray.address, ray.workers, ray.gpus_per_worker, spec, executor_config(settings))
     except ClusterError as err:
@@ -170,8 +174,8 @@ def _check_local(settings: Settings, say: Callable[[str], None]) -> None:
     model = load_model(settings)
     checker = "with" if model.safety_checker is not None else "without"
     say(
-        f"model {model.name!r} loaded on {model.device} ({str(model.dtype).removeprefix('torch.')}, {checker} a "
-        f"safety checker) in {time.perf_counter() - started:.1f} s"
+        f"model {model.name!r} loaded on {model.device} ({str(model.dtype).removeprefix('torch.')}, memory "
+        f"{model.memory}, {checker} a safety checker) in {time.perf_counter() - started:.1f} s"
     )
     started = time.perf_counter()
     _say_generated(generate_test_image(model, settings), started, say)

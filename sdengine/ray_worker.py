@@ -60,6 +60,7 @@ class ModelSpec:
     device: str = "auto"
     dtype: str = "auto"
     safety_checker: bool = True
+    memory: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,13 @@ class Worker:
             from .executor import Executor
             from .models import load_model
 
-            model = load_model(spec.path, device=spec.device, dtype=spec.dtype, safety_checker=spec.safety_checker)
+            model = load_model(
+                spec.path,
+                device=spec.device,
+                dtype=spec.dtype,
+                safety_checker=spec.safety_checker,
+                memory=spec.memory,
+            )
             self._executor = Executor(model, config)
             self._info = describe(model)
         except Exception as exc:  # reported by `ready` as one line, never a traceback

@@ -174,7 +174,7 @@ async def test_check_reports_each_part_and_never_contacts_discord(
     lines = output.out.splitlines()
     assert lines[0] == f"sdbot: config '{config}' ok", lines
     assert lines[1] == f"sdbot: database '{(tmp_path / 'db' / 'sdbot.sqlite3').as_posix()}' ok", lines
-    model = r"sdbot: model 'tiny' loaded on \S+ \(\w+, without a safety checker\) in [\d.]+ s"
+    model = r"sdbot: model 'tiny' loaded on \S+ \(\w+, memory fast, without a safety checker\) in [\d.]+ s"
     assert re.fullmatch(model, lines[2]), lines
     assert re.fullmatch(r"sdbot: test image generated \(16x16, 1 dpmpp_2m step\) in [\d.]+ s", lines[3]), lines
     # No token is only a warning: a newcomer runs --check before they have one.
@@ -188,7 +188,7 @@ async def test_check_reports_each_part_and_never_contacts_discord(
     ("model", "status", "message"),
     [
         ('path = "/no/such/model"', 1, "sdbot: model '/no/such/model' cannot be loaded: No model at '/no/such/model'"),
-        ('path = "tiny"\nunknown = 1', 2, "sdbot: model.unknown: unknown key; [model] takes device, dtype, path"),
+        ('path = "tiny"\nunknown = 1', 2, "sdbot: model.unknown: unknown key; [model] takes device, dtype, memory, path"),
         ("database", 1, "sdbot: database '{db}' cannot be used (unable to open database file): check [storage]"),
         ('path = "tiny"\ndevice = "cuda"', 1, "sdbot: model 'tiny' cannot be loaded: CUDA is not available"),
     ],
