@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 from pathlib import Path
 
 import aiosqlite
@@ -105,22 +106,43 @@ MIGRATIONS: list[str] = [
 
 
 async def migrate(db: aiosqlite.Connection, path: Path) -> None:
-    """Run the migrations the database has not seen yet, each in its own transaction."""
-    async with db.execute("PRAGMA user_version") as cursor:
-        row = await cursor.fetchone()
-    version = int(row[0]) if row else 0
-    if version > len(MIGRATIONS):
-        raise StoreError(
-            f"database '{path}' has schema version {version}, newer than this sdbot knows ({len(MIGRATIONS)}):"
-            " upgrade sdbot or use another [storage] database"
-        )
-    for number in range(version + 1, len(MIGRATIONS) + 1):
-        log.info("Migrating %s to schema version %d", path, number)
-        # user_version is part of the transaction, so a failed migration leaves the version unchanged.
-        script = f"BEGIN IMMEDIATE;\n{MIGRATIONS[number - 1]}\nPRAGMA user_version = {number};\nCOMMIT;"
-        try:
-            await db.executescript(script)
-        except BaseException:
-            if db.in_transaction:
-                await db.rollback()
-            raise
+    """Run the migrations the database has not seen yet, in one transaction.
+
+    The write lock comes first and the version is read under it: two processes starting on one new file (a bot
+    and `sdbot --check`, say) migrate it once, the second one waiting for the first. A failed migration leaves
+    the database as it was, version included.
+    """
+    await db.execute("BEGIN IMMEDIATE")
+    try:
+        async with db.execute("PRAGMA user_version") as cursor:
+            row = await cursor.fetchone()
+        version = int(row[0]) if row else 0
+        if version > len(MIGRATIONS):
+            raise StoreError(
+                f"database '{path}' has schema version {version}, newer than this sdbot knows ({len(MIGRATIONS)}):"
+                " upgrade sdbot or use another [storage] database"
+            )
+        for number in range(version + 1, len(MIGRATIONS) + 1):
+            log.info("Migrating %s to schema version %d", path, number)
+            for statement in _statements(MIGRATIONS[number - 1]):
+                await db.execute(statement)
+            await db.execute(f"PRAGMA user_version = {number}")
+        await db.commit()
+    except BaseException:
+        if db.in_transaction:
+            await db.rollback()
+        raise
+
+
+def _statements(script: str) -> list[str]:
+    """A migration's statements, one by one (`executescript` would commit the open transaction first)."""
+    statements, current = [], ""
+    *pieces, rest = script.split(";")
+    for piece in pieces:
+        current += piece + ";"
+        if sqlite3.complete_statement(current):  # not a `;` inside a string or a comment
+            statements.append(current.strip())
+            current = ""
+    if (current + rest).strip():
+        raise StoreError(f"a migration ends without a semicolon: {(current + rest).strip()[:60]!r}")
+    return statements

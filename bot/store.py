@@ -147,12 +147,13 @@ class Store:
         db = await aiosqlite.connect(path, isolation_level=None)
         try:
             db.row_factory = aiosqlite.Row
+            # First, so that every later step (WAL switch, migrations) waits for another process's lock.
+            await db.execute("PRAGMA busy_timeout = 5000")
             async with db.execute("PRAGMA journal_mode = WAL") as cursor:
                 mode = await cursor.fetchone()
             if mode is None or str(mode[0]).lower() != "wal":
                 log.warning("SQLite at %s runs in journal mode %r, not WAL", path, mode and mode[0])
             await db.execute("PRAGMA synchronous = NORMAL")  # safe with WAL; fsync only at checkpoints
-            await db.execute("PRAGMA busy_timeout = 5000")
             await db.execute("PRAGMA foreign_keys = ON")
             await migrate(db, path)
             blocked = {user_id for (user_id,) in await db.execute_fetchall("SELECT user_id FROM blocked_users")}

@@ -267,3 +267,15 @@ async def test_writes_are_committed_for_other_readers(store: Store) -> None:
     gen_id = await store.add(new(prompt="visible"))
     with closing(sqlite3.connect(store.path)) as db:
         assert db.execute("SELECT prompt FROM generations WHERE id = ?", (gen_id,)).fetchone() == ("visible",)
+
+
+async def test_processes_starting_together_on_a_new_file_migrate_it_once(tmp_path: Path) -> None:
+    """A bot and `sdbot --check` (or two bots) opening one new database at the same moment: the write lock is
+    taken before the version is read, so the second waits and finds the migrations done."""
+    path = tmp_path / "sdbot.sqlite3"
+    stores = await asyncio.gather(*(Store.open(path) for _ in range(4)))
+    for store in stores:
+        await store.close()
+    assert pragma(path, "user_version") == len(MIGRATIONS)
+    async with await Store.open(path) as store:
+        assert await store.add(new()) > 0
