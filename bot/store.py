@@ -27,6 +27,8 @@ from bot.migrations import migrate
 
 log = logging.getLogger(__name__)
 
+BUSY_TIMEOUT_MS = 5000  # how long a statement waits for another process's lock
+
 Kind = Literal["imagine", "variation", "reroll"]
 Status = Literal["queued", "running", "done", "failed", "cancelled"]
 UNFINISHED: tuple[Status, ...] = ("queued", "running")
@@ -147,12 +149,10 @@ class Store:
         db = await aiosqlite.connect(path, isolation_level=None)
         try:
             db.row_factory = aiosqlite.Row
-            # First, so that every later step (WAL switch, migrations) waits for another process's lock.
-            await db.execute("PRAGMA busy_timeout = 5000")
-            async with db.execute("PRAGMA journal_mode = WAL") as cursor:
-                mode = await cursor.fetchone()
-            if mode is None or str(mode[0]).lower() != "wal":
-                log.warning("SQLite at %s runs in journal mode %r, not WAL", path, mode and mode[0])
+            await db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")  # later steps wait for other processes
+            mode = await _switch_to_wal(db)
+            if mode.lower() != "wal":
+                log.warning("SQLite at %s runs in journal mode %r, not WAL", path, mode)
             await db.execute("PRAGMA synchronous = NORMAL")  # safe with WAL; fsync only at checkpoints
             await db.execute("PRAGMA foreign_keys = ON")
             await migrate(db, path)
@@ -452,3 +452,21 @@ def _generation(row: sqlite3.Row) -> Generation:
         values[name] = json.loads(values[name])
     values["image_pruned"] = bool(values["image_pruned"])
     return Generation(**values)
+
+
+async def _switch_to_wal(db: aiosqlite.Connection) -> str:
+    """Put the database in WAL mode and return the journal mode it has.
+
+    The switch needs the file to itself, and SQLite answers "database is locked" at once, without the busy
+    timeout, while another process opens or migrates the same new file: so it is retried for as long.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            async with db.execute("PRAGMA journal_mode = WAL") as cursor:
+                row = await cursor.fetchone()
+            return str(row[0]) if row else "unknown"
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)

@@ -273,7 +273,7 @@ async def test_processes_starting_together_on_a_new_file_migrate_it_once(tmp_pat
     """A bot and `sdbot --check` (or two bots) opening one new database at the same moment: the write lock is
     taken before the version is read, so the second waits and finds the migrations done."""
     path = tmp_path / "sdbot.sqlite3"
-    stores = await asyncio.gather(*(Store.open(path) for _ in range(4)))
+    stores = await asyncio.gather(*(Store.open(path) for _ in range(8)))
     for store in stores:
         await store.close()
     assert pragma(path, "user_version") == len(MIGRATIONS)
