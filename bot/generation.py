@@ -32,7 +32,7 @@ from bot.progress import Painter
 from bot.render import File
 from bot.replies import BLOCKED, SORRY, UserError, database_trouble
 from bot.store import Generation, Kind, NewGeneration, Store
-from sdengine.jobs import Done, Failed, Job, JobCancelled, Queued, Started, Step
+from sdengine.jobs import Done, Failed, Job, JobCancelled, Loading, Queued, Started, Step
 
 if TYPE_CHECKING:  # the executor modules load torch or Ray; the bot only holds one, made by the app
     from sdengine.executor import Executor
@@ -394,6 +394,8 @@ class GenerationService:
             async for event in job.events():
                 if isinstance(event, Queued):
                     painter.paint(render.queued_text(gen_id, event.position, event.length), preview)
+                elif isinstance(event, Loading):
+                    painter.paint(render.loading_text(gen_id, event.model), preview)
                 elif isinstance(event, Started):
                     # Only shown by /history: one try, so that a locked database does not hold up the progress.
                     await self._save(gen_id, lambda: self.store.mark_running(gen_id), tries=1)

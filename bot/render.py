@@ -137,6 +137,10 @@ def queued_text(gen_id: int, position: int, length: int) -> str:
     return f"**#{gen_id}** · queued: position {position} of {length}"
 
 
+def loading_text(gen_id: int, model: str) -> str:
+    return f"**#{gen_id}** · loading model {model} first…"
+
+
 def started_text(gen_id: int, batch_size: int) -> str:
     shared = f" (in a batch of {batch_size} images)" if batch_size > 1 else ""
     return f"**#{gen_id}** · starting{shared}"

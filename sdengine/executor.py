@@ -10,7 +10,12 @@ Scheduling, in short:
   delays an owner with one by at most one job.
 - Between two steps the worker admits queued jobs while the batch has room (`max_batch` images), and
   drops finished, cancelled or timed-out ones. All running images then share UNet calls of at most
-  `max_batch` images of one latent shape, each at its own timestep with its own scheduler (continuous batching).
+  `max_batch` images of one model and latent shape, each at its own timestep with its own scheduler
+  (continuous batching).
+- Several models (a `ModelPool`): a job whose model is off the device (`max_loaded`) starts once it can be
+  brought there without pushing out a model that has jobs running. Until then, or while the next job would
+  push out a model that has queued work, jobs of models on the device go first, but at most `MAX_PASSES`
+  times ahead of it: fair, without swapping models at every job.
 
 Faults:
 - A UNet call that runs out of memory lowers `max_batch` below the images it held and is retried in smaller
@@ -30,7 +35,7 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from PIL import Image
@@ -48,6 +53,7 @@ from .jobs import (
     Job,
     JobCancelled,
     JobTimeout,
+    Loading,
     Queued,
     QueueFull,
     ShuttingDown,
@@ -56,6 +62,7 @@ from .jobs import (
 )
 from .models import Model
 from .pipeline import Plan, Sample, advance, decode, finish, predict_noise, prepare, preview
+from .pool import ModelPool
 from .request import GenerationRequest
 
 __all__ = [
@@ -81,6 +88,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MAX_CRASHES = 3  # worker crashes in a row, with no step done in between, before the executor gives up
+MAX_PASSES = 4  # jobs of models on the device that may start ahead of one whose model must be brought there
 DOWN_MESSAGE = "The generator has stopped working: an admin must restart the bot."
 OUT_OF_MEMORY_MESSAGE = "The GPU ran out of memory for this request: lower the size or count."
 
@@ -112,6 +120,7 @@ def _chunks(samples: list[Sample], size: int) -> list[list[Sample]]:
 @dataclass
 class _Running:
     job: Job
+    model: Model
     plan: Plan
     started_at: float = field(default_factory=time.monotonic)
 
@@ -121,12 +130,14 @@ class _Running:
 
 
 class Executor:
-    """Owns `model` on its own worker thread; see the module docstring for the scheduling rules."""
+    """Owns `models` (one model, or a pool of them) on its own worker thread; see the module docstring for the
+    scheduling rules."""
 
-    def __init__(self, model: Model, config: ExecutorConfig | None = None) -> None:
-        self.model = model
+    def __init__(self, models: Model | ModelPool, config: ExecutorConfig | None = None) -> None:
+        self.pool = models if isinstance(models, ModelPool) else ModelPool.of(models)
         self.config = config or ExecutorConfig()
-        ceiling = self.config.max_batch or default_max_batch(model.device)
+        self.device = self.pool.device
+        ceiling = self.config.max_batch or default_max_batch(self.device)
         self._limit = BatchLimit(ceiling, self.config.probe_after_steps)
         self._lock = threading.Condition()
         self._queue = FairQueue()
@@ -140,7 +151,8 @@ class Executor:
         self._failed = 0
         self._batch_size = 0
         self._step_times: deque[float] = deque(maxlen=20)
-        self._thread = threading.Thread(target=self._work, name=f"sdengine-{model.device}", daemon=True)
+        self._passes: dict[int, int] = {}  # job id -> jobs started ahead of it while its model was away
+        self._thread = threading.Thread(target=self._work, name=f"sdengine-{self.device}", daemon=True)
         self._thread.start()
 
     @property
@@ -151,7 +163,9 @@ class Executor:
     # ---- asyncio side -------------------------------------------------------------------------------
 
     def submit(self, request: GenerationRequest, owner: str) -> Job:
-        """Queue a request, or raise `QueueFull`/`ShuttingDown`/`ExecutorDown` at once."""
+        """Queue a request, or raise `QueueFull`/`ShuttingDown`/`ExecutorDown`, or `InvalidRequest` for a model
+        it does not have, at once."""
+        request = replace(request, model=self.pool.resolve(request.model))
         with self._lock:
             if self._down():
                 raise ExecutorDown(DOWN_MESSAGE)
@@ -179,6 +193,7 @@ class Executor:
                 paused=self._paused,
                 down=bool(reason),
                 down_reason=reason,
+                loaded=tuple(self.pool.loaded),
             )
 
     def running_jobs(self) -> list[Job]:
@@ -288,28 +303,63 @@ class Executor:
         """Take queued jobs while the batch has room; a job runs whole, so an empty batch takes any job."""
         admitted: list[Job] = []
         images = sum(len(r.samples) for r in self._running)
+        busy = {self._model_name(r.job) for r in self._running}
         while (front := self._queue.front()) is not None and not self._paused:
-            if (images or admitted) and images + front.request.count > self.max_batch:
+            job = self._next_job(front, busy)
+            if job is None or ((images or admitted) and images + job.request.count > self.max_batch):
                 break
-            job = self._queue.pop()
-            if job is None:
-                break
+            self._queue.take(job)
+            if job is front:
+                self._passes.pop(front.id, None)
+            else:
+                self._passes[front.id] = self._passes.get(front.id, 0) + 1
             images += job.request.count
             admitted.append(job)
+            busy.add(self._model_name(job))
+            if not self.pool.on_device(self._model_name(job)):
+                break  # it is brought to the device when it starts: what else fits is known after that
         if admitted:
             self._queue.announce_positions()
+            queued = {job.id for job in self._queue.order()}
+            self._passes = {job_id: n for job_id, n in self._passes.items() if job_id in queued}
         return admitted
+
+    def _next_job(self, front: Job, busy: set[str]) -> Job | None:
+        """The job to start next: the fair queue's `front`, unless its model is off the device and a job of a model
+        on the device may go ahead of it (see the module docstring); None to start nothing now."""
+        name = self._model_name(front)
+        if self.pool.on_device(name):
+            return front
+        if self._passes.get(front.id, 0) < MAX_PASSES:
+            ready = (job for job in self._queue.order() if self.pool.on_device(self._model_name(job)))
+            if (job := next(ready, None)) is not None:
+                return job
+        if self.pool.has_room_for(name, busy):
+            return front
+        return None  # its model waits until the running jobs of the one it will push out are done
+
+    def _model_name(self, job: Job) -> str:
+        return job.request.model or self.pool.default
 
     def _start(self, job: Job) -> None:
         started = time.monotonic()
+        name = self._model_name(job)
         try:
-            plan = prepare(self.model, job.request)
+            if not self.pool.on_device(name):
+                job._emit(Loading(name))
+                with self._lock:
+                    busy = {self._model_name(r.job) for r in self._running}
+                model = self.pool.acquire(name, busy)
+                started = time.monotonic()  # the load is not the job's own time
+            else:
+                model = self.pool.acquire(name, set())
+            plan = prepare(model, job.request)
         except Exception as exc:
             self._fail(job, exc)
             return
         plan.timings["queued"] = started - job.submitted_at
         with self._lock:
-            self._running.append(_Running(job, plan))
+            self._running.append(_Running(job, model, plan))
             batch = sum(len(r.samples) for r in self._running)
         job._emit(Started(batch))
 
@@ -328,7 +378,9 @@ class Executor:
         started = time.perf_counter()
         running = list(self._running)
         ooms = self._limit.ooms
-        predictions = self._predict_all([s for r in running for s in r.samples])
+        predictions: dict[int, torch.Tensor | Exception] = {}
+        for model in {id(r.model): r.model for r in running}.values():  # never two models in one UNet call
+            predictions |= self._predict_all(model, [s for r in running if r.model is model for s in r.samples])
         for r in running:
             noise = [predictions[id(s)] for s in r.samples]
             error = next((n for n in noise if isinstance(n, Exception)), None)
@@ -344,7 +396,7 @@ class Executor:
             self._batch_size = images
             self._step_times.append(time.perf_counter() - started)
 
-    def _predict_all(self, samples: list[Sample]) -> dict[int, torch.Tensor | Exception]:
+    def _predict_all(self, model: Model, samples: list[Sample]) -> dict[int, torch.Tensor | Exception]:
         """Each sample's noise prediction, or the error that stopped it, keyed by `id(sample)`.
 
         Calls hold at most `max_batch` images of one shape. A call that runs out of memory lowers `max_batch`
@@ -357,7 +409,7 @@ class Executor:
         out: dict[int, torch.Tensor | Exception] = {}
         while pending:
             call = pending.popleft()
-            result = self._predict(call)
+            result = self._predict(model, call)
             if isinstance(result, list):
                 self._limit.fitted(len(call))
                 out.update(zip(map(id, call), result, strict=True))
@@ -372,10 +424,10 @@ class Executor:
                 pending.extendleft([s] for s in reversed(call))  # image by image, to find the culprit
         return out
 
-    def _predict(self, samples: list[Sample]) -> list[torch.Tensor] | Exception:
+    def _predict(self, model: Model, samples: list[Sample]) -> list[torch.Tensor] | Exception:
         """Noise predictions of one call, or the error that stopped it. Changes no state."""
         try:
-            return predict_noise(self.model, samples)
+            return predict_noise(model, samples)
         except Exception as exc:
             if not _is_out_of_memory(exc):
                 return exc
@@ -403,10 +455,10 @@ class Executor:
             return
         for r in done:
             self._remove(r)
-        # Decode finished jobs of one latent size together.
+        # Decode finished jobs of one model and latent size together.
         by_shape: dict[tuple[int, ...], list[_Running]] = {}
         for r in done:
-            by_shape.setdefault(tuple(r.samples[0].latents.shape), []).append(r)
+            by_shape.setdefault((id(r.model), *r.samples[0].latents.shape), []).append(r)
         for group in by_shape.values():
             for r, images in self._decode(group):
                 if isinstance(images, Exception):
@@ -414,7 +466,7 @@ class Executor:
                     continue
                 r.plan.timings["denoise+decode"] = time.monotonic() - r.started_at
                 try:
-                    result = finish(self.model, r.plan, images)
+                    result = finish(r.model, r.plan, images)
                 except Exception as exc:
                     self._fail(r.job, exc)
                     continue
@@ -424,7 +476,7 @@ class Executor:
 
     def _decode(self, group: list[_Running]) -> list[tuple[_Running, list[Image.Image] | Exception]]:
         """Decode the group in one call; if that fails, job by job to fail only the culprit."""
-        images = self._decode_samples([s for r in group for s in r.samples])
+        images = self._decode_samples(group[0].model, [s for r in group for s in r.samples])
         if isinstance(images, Exception):
             if len(group) == 1:
                 return [(group[0], images)]
@@ -436,16 +488,16 @@ class Executor:
             start += len(r.samples)
         return out
 
-    def _decode_samples(self, samples: list[Sample]) -> list[Image.Image] | Exception:
+    def _decode_samples(self, model: Model, samples: list[Sample]) -> list[Image.Image] | Exception:
         """VAE-decode in one call, or one image at a time if that runs out of memory."""
         try:
-            return decode(self.model, samples)
+            return decode(model, samples)
         except Exception as exc:
             if len(samples) == 1 or not _is_out_of_memory(exc):
                 return exc
         self._free_memory()
         try:
-            return [image for s in samples for image in decode(self.model, [s])]
+            return [image for s in samples for image in decode(model, [s])]
         except Exception as exc:
             return exc
 
@@ -466,7 +518,7 @@ class Executor:
 
     def _free_memory(self) -> None:
         gc.collect()
-        if self.model.device.type == "cuda":
+        if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        elif self.model.device.type == "mps":
+        elif self.device.type == "mps":
             torch.mps.empty_cache()

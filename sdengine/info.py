@@ -29,6 +29,17 @@ class _Described(Protocol):
 
 
 @dataclass(frozen=True)
+class ModelSpec:
+    """Where a model comes from and how to load it: `sdengine.load_model`'s arguments."""
+
+    path: str
+    device: str = "auto"
+    dtype: str = "auto"
+    safety_checker: bool = True
+    memory: str = "auto"
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     name: str
     native_size: int  # the image side the UNet was built for (512 for SD 1.5)
@@ -36,6 +47,7 @@ class ModelInfo:
     has_safety_checker: bool
     device: str = ""  # e.g. "cuda", for the logs
     dtype: str = ""  # e.g. "float16"
+    kind: str = "sd1"  # sd1, sd2 or sdxl
 
 
 def describe(model: _Described | ModelInfo) -> ModelInfo:
@@ -49,6 +61,7 @@ def describe(model: _Described | ModelInfo) -> ModelInfo:
         has_safety_checker=model.safety_checker is not None,
         device=str(getattr(model, "device", "")),
         dtype=str(getattr(model, "dtype", "")).removeprefix("torch."),
+        kind=str(getattr(model, "kind", "sd1")),
     )
 
 

@@ -62,7 +62,8 @@ class ExecutorConfig:
     probe_after_steps: int = 50  # full, OOM-free steps before a lowered max_batch tries one image more
 
 
-# Events, in the order a job sees them: Queued* Started Step* then one of Done / Failed / JobCancelled. On the Ray
+# Events, in the order a job sees them: Queued* Loading? Started Step* then one of Done / Failed / JobCancelled.
+# `Loading` comes only when the job's model must first be brought to the device. On the Ray
 # backend a worker that dies mid-job adds `Retried` (a `Queued`), and the job starts again: Queued* Started Step* ...
 @dataclass(frozen=True)
 class Queued:
@@ -76,6 +77,13 @@ class Retried(Queued):
 
     attempt: int = 2  # the start that comes next
     reason: str = ""
+
+
+@dataclass(frozen=True)
+class Loading:
+    """The job's model is being brought to the device (`max_loaded` pushed it out); it starts after that."""
+
+    model: str
 
 
 @dataclass(frozen=True)
@@ -105,7 +113,7 @@ class JobCancelled:
     pass
 
 
-Event = Queued | Started | Step | Done | Failed | JobCancelled
+Event = Queued | Loading | Started | Step | Done | Failed | JobCancelled
 _TERMINAL = (Done, Failed, JobCancelled)
 
 
@@ -122,6 +130,7 @@ class ExecutorStats:
     down: bool = False  # the worker stopped for good: `submit` raises `ExecutorDown`
     down_reason: str = ""  # why, for admins; empty while up
     workers: int = 1  # workers serving: the Ray backend has several
+    loaded: tuple[str, ...] = ()  # the models on the device, least recently used first (local backend)
 
 
 class Job:
@@ -245,6 +254,13 @@ class FairQueue:
             if not job.cancel_requested:
                 return job
         return None
+
+    def take(self, job: Job) -> None:
+        """Take a queued job to start it, at the front or not; its owner goes to the back of the line."""
+        lane = self._lanes.pop(job.owner)
+        lane.remove(job)
+        if lane:
+            self._lanes[job.owner] = lane
 
     def cancel(self, job: Job) -> bool:
         """Take a cancelled job out of the queue and tell it; False if it was not queued (running or finished)."""

@@ -25,7 +25,7 @@ import itertools
 import logging
 import time
 from collections.abc import Awaitable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import ray.exceptions
@@ -128,6 +128,7 @@ class RayExecutor:
         if not any(w.alive for w in self._workers):
             raise ExecutorDown(DOWN_MESSAGE)
         self._queue.check_room(owner, sum(job.owner == owner for job in self.running_jobs()), self.config)
+        request = replace(request, model=None)  # every worker serves the one model it loaded
         job = Job(next(_keys), owner, request, self._cancel)
         self._queue.push(job)
         self._queue.announce_positions()

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import Cancelled, InvalidRequest, ModelLoadError, OutOfMemory, SDEngineError
 from .info import ModelInfo, describe
+from .info import ModelSpec as ModelSpec  # re-exported: callers name it from here
 from .jobs import (
     Event,
     ExecutorConfig,
@@ -50,17 +51,6 @@ _PORTABLE: tuple[type[SDEngineError], ...] = (
     Cancelled,
     OutOfMemory,
 )
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What every worker loads: `[model]` of the bot's config."""
-
-    path: str
-    device: str = "auto"
-    dtype: str = "auto"
-    safety_checker: bool = True
-    memory: str = "auto"
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,8 @@ class GenerationRequest:
     `width`/`height` of None mean the model's native size. `seed` of None means a random seed,
     which is reported in the result. `image` holds the raw bytes of an init image for image-to-image.
     `safety_check` runs the model's safety checker, if it has one, to fill `GenerationResult.nsfw`; it never
-    changes the pixels.
+    changes the pixels. `model` names one of an executor's models (None: its default); `generate` is given its
+    model and does not read it.
     """
 
     prompt: str
@@ -59,6 +60,7 @@ class GenerationRequest:
     image: bytes | None = field(default=None, repr=False)
     strength: float = 0.75
     safety_check: bool = True
+    model: str | None = None
 
 
 @dataclass(frozen=True)
