@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             cluster = preflight.start_cluster(settings)
         else:
             log.info("loading model %r on %s (%s)", settings.model.path, settings.model.device, settings.model.dtype)
-            model = preflight.load_model(settings)
+            model = preflight.load_models(settings)
     except preflight.PreflightError as err:
         return fail(str(err), EXIT_SETUP)
     except KeyboardInterrupt:

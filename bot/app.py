@@ -37,13 +37,14 @@ from bot.buttons import BUTTONS, rerun_view
 from bot.config import Settings
 from bot.generation import GenerationService
 from bot.output import DEFAULT_FILESIZE_LIMIT, Output
-from bot.preflight import executor_config, start_cluster
+from bot.preflight import executor_config, load_models, start_cluster
 from bot.render import File
 from bot.replies import BLOCKED, NO_PINGS, SORRY, Interaction, database_trouble, tell, user_message
 from bot.store import Generation, Received, Store
 
 if TYPE_CHECKING:
     from sdengine.executor import Executor
+    from sdengine.pool import ModelPool
     from sdengine.ray_cluster import Cluster
     from sdengine.ray_executor import RayExecutor
 
@@ -55,6 +56,7 @@ EXTENSIONS = (
     "bot.cogs.results",
     "bot.cogs.history",
     "bot.cogs.queue",
+    "bot.cogs.models",
     "bot.cogs.admin",
 )
 
@@ -148,7 +150,8 @@ class ResumedOutput(Output):
 
 
 class SDBot(commands.Bot):
-    """Pass `model` to reuse an already loaded one (tests do); otherwise `setup_hook` loads `settings.model`. With
+    """Pass `model` to reuse an already loaded model or pool of them (`sdbot` and tests do); otherwise `setup_hook`
+    loads `settings.model` (or every `[models.NAME]`). With
     `[executor] backend = "ray"`, pass `cluster` to use workers already started (`sdbot` does, before it logs in);
     otherwise `setup_hook` starts them, and `close` stops them."""
 
@@ -156,7 +159,7 @@ class SDBot(commands.Bot):
         self,
         settings: Settings,
         *,
-        model: sdengine.Model | None = None,
+        model: sdengine.Model | ModelPool | None = None,
         cluster: Cluster | None = None,
         progress_interval: float = 2.0,
         **options: Any,
@@ -171,7 +174,8 @@ class SDBot(commands.Bot):
         )
         self.settings = settings
         self.progress_interval = progress_interval
-        self._model: sdengine.Model | sdengine.ModelInfo | None = model
+        self._given = model
+        self._models: dict[str, sdengine.ModelInfo] = {}  # what the bot knows of each model: names and sizes
         self._cluster = cluster
         self._owns_cluster = False
         self._store: Store | None = None
@@ -183,10 +187,10 @@ class SDBot(commands.Bot):
 
     # Set up by setup_hook; the cogs only run after it.
     @property
-    def model(self) -> sdengine.Model | sdengine.ModelInfo:
-        """The loaded model, or on the Ray backend what the workers say about theirs."""
-        assert self._model is not None, "setup_hook has not loaded the model"
-        return self._model
+    def models(self) -> dict[str, sdengine.ModelInfo]:
+        """Each model by the name users pick it by: its names and sizes (on the Ray backend, as the workers say)."""
+        assert self._models, "setup_hook has not loaded the models"
+        return self._models
 
     @property
     def store(self) -> Store:
@@ -222,7 +226,7 @@ class SDBot(commands.Bot):
         else:
             self._executor = await self._start_local()
         self._generations = GenerationService(
-            settings, self._store, self._executor, self.model, progress_interval=self.progress_interval
+            settings, self._store, self._executor, self.models, progress_interval=self.progress_interval
         )
         await self._generations.prune_init_images()
         self.add_dynamic_items(*BUTTONS)
@@ -243,22 +247,19 @@ class SDBot(commands.Bot):
         await self._sync_commands()
 
     async def _start_local(self) -> Executor:
-        settings = self.settings
-        if self._model is None:
-            model = settings.model
-            log.info("loading model %r on %s (%s)", model.path, model.device, model.dtype)
-            self._model = await asyncio.to_thread(
-                sdengine.load_model,
-                model.path,
-                device=model.device,
-                dtype=model.dtype,
-                safety_checker=settings.safety.checker != "off",
-                memory=model.memory,
-            )
         from sdengine.executor import Executor  # loads torch: only the bot that runs the model needs it
+        from sdengine.pool import ModelPool
 
-        assert not isinstance(self._model, sdengine.ModelInfo)
-        return Executor(self._model, executor_config(settings))
+        settings = self.settings
+        if self._given is None:
+            log.info("loading %d model(s) on %s", len(settings.all_models), settings.model.device)
+            pool = await asyncio.to_thread(load_models, settings)
+        elif isinstance(self._given, ModelPool):
+            pool = self._given
+        else:
+            pool = ModelPool.of(self._given, settings.model.label)
+        self._models = pool.infos
+        return Executor(pool, executor_config(settings))
 
     async def _start_ray(self) -> RayExecutor:
         """The executor on the Ray workers; the bot process loads no model and no torch."""
@@ -267,7 +268,7 @@ class SDBot(commands.Bot):
         if self._cluster is None:
             self._cluster = await asyncio.to_thread(start_cluster, self.settings)
             self._owns_cluster = True
-        self._model = self._cluster.info
+        self._models = {self.settings.model.label: self._cluster.info}
         return RayExecutor(self._cluster, executor_config(self.settings))
 
     async def _sync_commands(self) -> None:

@@ -7,15 +7,18 @@ The bot token is never stored here: `Settings.token()` reads it from the environ
 
 from __future__ import annotations
 
-import difflib
-import math
 import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+from bot.config_reader import DEVICES as DEVICES  # re-exported, as are the two below
+from bot.config_reader import MAX_ID as MAX_ID
+from bot.config_reader import ConfigError as ConfigError
+from bot.config_reader import Section, one_line, show, suggest
 
 # Mirrors sdengine's limits; copied rather than imported because importing sdengine loads torch.
 SCHEDULERS = ("lms", "ddim", "euler", "euler_a", "dpmpp_2m")
@@ -25,18 +28,13 @@ ENGINE_MAX_COUNT = 4
 ENGINE_MAX_GUIDANCE = 30.0
 ENGINE_MAX_PROMPT_CHARS = 2000
 
-SECTIONS = ("discord", "model", "storage", "defaults", "limits", "safety", "executor")
-DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+SECTIONS = ("discord", "model", "models", "storage", "defaults", "limits", "safety", "executor")
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 MEMORY_MODES = ("auto", "fast", "low")
 CHECKERS = ("auto", "on", "off")
 BACKENDS = ("local", "ray")
-RAY_ADDRESSES = ("auto", "local", "ray://HOST:PORT", "HOST:PORT")
-MAX_ID = 2**63 - 1  # Discord snowflakes fit a signed 64-bit int, as do TOML integers
-
-
-class ConfigError(Exception):
-    """The config file or the environment is unusable; the message is one line that says what to change."""
+MAX_MODELS = 25  # what a Discord autocomplete list shows
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
 
 
 @dataclass(frozen=True)
@@ -58,6 +56,13 @@ class ModelSettings:
     device: str = "auto"
     dtype: str = "auto"
     memory: str = "auto"  # "fast", "low" (small GPUs) or "auto" (picked from free GPU memory)
+    name: str = ""  # NAME of a [models.NAME] table; empty for a lone [model]
+
+    @property
+    def label(self) -> str:
+        """What users pick it by and the history records: the table's name, or a lone [model]'s path (so the rows
+        of a bot that grew from one model to several still find theirs)."""
+        return self.name or self.path
 
 
 @dataclass(frozen=True)
@@ -109,17 +114,23 @@ class RaySettings:
 class ExecutorSettings:
     backend: str = "local"  # "local": the model runs in the bot's process; "ray": on the workers of a Ray cluster
     ray: RaySettings = field(default_factory=RaySettings)
+    max_loaded: int = 0  # models kept on the device at once, the most recently used; 0: all of them
 
 
 @dataclass(frozen=True)
 class Settings:
     discord: DiscordSettings = field(default_factory=DiscordSettings)
-    model: ModelSettings = field(default_factory=ModelSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)  # the default model
+    models: tuple[ModelSettings, ...] = ()  # every [models.NAME] table, the default among them; empty: `model` alone
     storage: StorageSettings = field(default_factory=StorageSettings)
     defaults: DefaultSettings = field(default_factory=DefaultSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
     safety: SafetySettings = field(default_factory=SafetySettings)
     executor: ExecutorSettings = field(default_factory=ExecutorSettings)
+
+    @property
+    def all_models(self) -> tuple[ModelSettings, ...]:
+        return self.models or (self.model,)
 
     def token(self, env: Mapping[str, str] = os.environ) -> str:
         """The bot token from the environment variable named by `discord.token_env`."""
@@ -140,11 +151,11 @@ def load_settings(path: str | Path) -> Settings:
         raise ConfigError(f"config file '{path}' not found: copy config.example.toml and edit it") from None
     except tomllib.TOMLDecodeError as err:
         # The message ends with "(at line L, column C)".
-        raise ConfigError(f"config file '{path}' is not valid TOML: {_one_line(str(err))}") from None
+        raise ConfigError(f"config file '{path}' is not valid TOML: {one_line(str(err))}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"config file '{path}' is not valid TOML: it must be UTF-8 text") from None
     except OSError as err:
-        raise ConfigError(f"config file '{path}' cannot be read: {_one_line(err.strerror or str(err))}") from None
+        raise ConfigError(f"config file '{path}' cannot be read: {one_line(err.strerror or str(err))}") from None
     return parse_settings(data)
 
 
@@ -153,15 +164,16 @@ def parse_settings(data: Mapping[str, Any]) -> Settings:
     for key in data:
         if key not in SECTIONS:
             where = ", ".join(f"[{name}]" for name in SECTIONS)
-            raise ConfigError(f"{key}: unknown key at the top level{_suggest(key, set(SECTIONS))}; use {where}")
+            raise ConfigError(f"{key}: unknown key at the top level{suggest(key, set(SECTIONS))}; use {where}")
 
-    discord = _Section("discord", data)
-    model = _Section("model", data)
-    storage = _Section("storage", data)
-    defaults = _Section("defaults", data)
-    limits = _Section("limits", data)
-    safety = _Section("safety", data)
-    executor = _Section("executor", data)
+    discord = Section("discord", data)
+    model = Section("model", data)
+    models = _model_tables(data)
+    storage = Section("storage", data)
+    defaults = Section("defaults", data)
+    limits = Section("limits", data)
+    safety = Section("safety", data)
+    executor = Section("executor", data)
     ray = executor.table_section("ray")
 
     limit_settings = LimitSettings(
@@ -194,12 +206,7 @@ def parse_settings(data: Mapping[str, Any]) -> Settings:
             nsfw_channels_only=discord.flag("nsfw_channels_only", DiscordSettings.nsfw_channels_only),
             message_content=discord.flag("message_content", DiscordSettings.message_content),
         ),
-        model=ModelSettings(
-            path=model.text("path", ModelSettings.path, allow_empty=False),
-            device=model.device("device", ModelSettings.device),
-            dtype=model.choice("dtype", ModelSettings.dtype, DTYPES),
-            memory=model.choice("memory", ModelSettings.memory, MEMORY_MODES),
-        ),
+        model=_model_settings(model),
         storage=StorageSettings(
             database=Path(storage.text("database", str(StorageSettings.database), allow_empty=False)),
             keep_init_images_days=storage.number(
@@ -220,12 +227,66 @@ def parse_settings(data: Mapping[str, Any]) -> Settings:
         safety=SafetySettings(checker=safety.choice("checker", SafetySettings.checker, CHECKERS)),
         executor=_executor_settings(executor, ray),
     )
-    for section in (discord, model, storage, defaults, limits, safety, executor, ray):
+    for section in (discord, model, storage, defaults, limits, safety, executor, ray, *models):
         section.check_unknown()
+    if models:
+        settings = replace(settings, **_several_models(models, data, settings.executor))
     return settings
 
 
-def _executor_settings(executor: _Section, ray: _Section) -> ExecutorSettings:
+def _model_settings(model: Section, name: str = "") -> ModelSettings:
+    return ModelSettings(
+        path=model.text("path", ModelSettings.path, allow_empty=False),
+        device=model.device("device", ModelSettings.device),
+        dtype=model.choice("dtype", ModelSettings.dtype, DTYPES),
+        memory=model.choice("memory", ModelSettings.memory, MEMORY_MODES),
+        name=name,
+    )
+
+
+def _model_tables(data: Mapping[str, Any]) -> list[Section]:
+    """The [models.NAME] tables, each a section; their `default` and `path` keys are read by `_several_models`."""
+    tables = data.get("models", {})
+    if not isinstance(tables, dict):
+        raise ConfigError(f"models: must be tables ([models.NAME]), not {show(tables)}")
+    for name, table in tables.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"models.{name}: must be a table ([models.{name}]) with a path, not {show(table)}")
+        if not MODEL_NAME.fullmatch(name):
+            raise ConfigError(
+                f"models.{name}: a model name is 1-32 letters, digits, '_', '.' or '-', starting with a letter or digit"
+            )
+    if len(tables) > MAX_MODELS:
+        raise ConfigError(f"models: at most {MAX_MODELS} models, not {len(tables)}")
+    return [Section(f"models.{name}", tables, key=name) for name in tables]
+
+
+def _several_models(tables: list[Section], data: Mapping[str, Any], executor: ExecutorSettings) -> dict[str, Any]:
+    """`models` and `model` (the default) of Settings, from [models.NAME] tables."""
+    if "model" in data:
+        raise ConfigError("model: use either one [model] table or [models.NAME] tables, not both")
+    models = []
+    for table in tables:
+        name = table.name.removeprefix("models.")
+        if "path" not in table.table:
+            raise ConfigError(f"{table.name}.path: missing; give the model's hub id, folder or .safetensors file")
+        models.append((_model_settings(table, name), table.flag("default", False)))
+    defaults = [m for m, is_default in models if is_default]
+    if len(defaults) > 1:
+        raise ConfigError(f"models: only one model can have default = true, not {', '.join(m.name for m in defaults)}")
+    default = defaults[0] if defaults else models[0][0]
+    for m, _ in models:
+        if m.device != default.device:
+            raise ConfigError(
+                f"models.{m.name}.device: every model runs on one device, here {default.device!r} (the default "
+                f"model's), not {m.device!r}"
+            )
+    if executor.backend == "ray" and len(models) > 1:
+        raise ConfigError('models: [executor] backend = "ray" serves one model for now: keep one [models] table')
+    return {"models": tuple(m for m, _ in models), "model": default}
+
+
+def _executor_settings(executor: Section, ray: Section) -> ExecutorSettings:
     settings = ExecutorSettings(
         backend=executor.choice("backend", ExecutorSettings.backend, BACKENDS),
         ray=RaySettings(
@@ -233,6 +294,7 @@ def _executor_settings(executor: _Section, ray: _Section) -> ExecutorSettings:
             workers=ray.integer("workers", RaySettings.workers, 0, 1024),
             gpus_per_worker=ray.number("gpus_per_worker", RaySettings.gpus_per_worker, 0.0, 64.0),
         ),
+        max_loaded=executor.integer("max_loaded", ExecutorSettings.max_loaded, 0, MAX_MODELS),
     )
     if settings.ray.workers == 0 and settings.ray.gpus_per_worker == 0:
         raise ConfigError(
@@ -240,153 +302,3 @@ def _executor_settings(executor: _Section, ray: _Section) -> ExecutorSettings:
             "(0 starts one worker per GPU, and CPU workers use none), not 0"
         )
     return settings
-
-
-class _Section:
-    """One [table] of the file; each reader checks one key's type and range and records it as known."""
-
-    def __init__(self, name: str, data: Mapping[str, Any], *, key: str | None = None) -> None:
-        key = key or name
-        table = data.get(key, {})
-        if not isinstance(table, dict):
-            raise ConfigError(f"{name}: must be a table ([{name}]), not {_show(table)}")
-        self.name = name
-        self.table: dict[str, Any] = table
-        self.known: set[str] = set()
-
-    def table_section(self, key: str) -> _Section:
-        """The sub-table [NAME.KEY]."""
-        self.known.add(key)
-        return _Section(f"{self.name}.{key}", self.table, key=key)
-
-    def _get(self, key: str) -> Any:
-        self.known.add(key)
-        return self.table.get(key)
-
-    def _fail(self, key: str, allowed: str, value: Any) -> ConfigError:
-        return ConfigError(f"{self.name}.{key}: must be {allowed}, not {_show(value)}")
-
-    def check_unknown(self) -> None:
-        for key in self.table:
-            if key not in self.known:
-                raise ConfigError(
-                    f"{self.name}.{key}: unknown key{_suggest(key, self.known)}; "
-                    f"[{self.name}] takes {_names(self.known)}"
-                )
-
-    def integer(self, key: str, default: int, low: int, high: int) -> int:
-        value = self._get(key)
-        if value is None:
-            return default
-        # bool is a subclass of int in Python, but `true` is no number in a config file.
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise self._fail(key, f"an integer from {low} to {high}", value)
-        return value
-
-    def number(self, key: str, default: float, low: float, high: float, *, low_open: bool = False) -> float:
-        value = self._get(key)
-        if value is None:
-            return default
-        bounds = f"above {low:g} and at most {high:g}" if low_open else f"from {low:g} to {high:g}"
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise self._fail(key, f"a number {bounds}", value)
-        number = float(value)
-        # Comparisons with nan are false, so nan (valid TOML) fails the range check; inf fails isfinite.
-        in_range = low < number <= high if low_open else low <= number <= high
-        if not in_range or not math.isfinite(number):
-            raise self._fail(key, f"a number {bounds}", value)
-        return number
-
-    def flag(self, key: str, default: bool) -> bool:
-        value = self._get(key)
-        if value is None:
-            return default
-        if not isinstance(value, bool):
-            raise self._fail(key, "true or false", value)
-        return value
-
-    def text(self, key: str, default: str, *, allow_empty: bool = True, max_chars: int = 4096) -> str:
-        value = self._get(key)
-        if value is None:
-            return default
-        if not isinstance(value, str) or "\x00" in value or len(value) > max_chars:
-            raise self._fail(key, f"a string of at most {max_chars} characters without NUL", value)
-        if not allow_empty and not value.strip():
-            raise self._fail(key, "a non-empty string", value)
-        return value
-
-    def choice(self, key: str, default: str, allowed: tuple[str, ...]) -> str:
-        value = self._get(key)
-        if value is None:
-            return default
-        if value not in allowed:
-            raise self._fail(key, f"one of {_names(allowed)}", value)
-        assert isinstance(value, str)
-        return value
-
-    def device(self, key: str, default: str) -> str:
-        value = self._get(key)
-        if value is None:
-            return default
-        if not isinstance(value, str) or not re.fullmatch(r"auto|cpu|cuda|cuda:\d+|mps", value):
-            raise self._fail(key, f"one of {_names(DEVICES)}", value)
-        return value
-
-    def ray_address(self, key: str, default: str) -> str:
-        value = self._get(key)
-        if value is None:
-            return default
-        host_port = r"[A-Za-z0-9.\-]+:([0-9]{1,5})"
-        match = re.fullmatch(rf"auto|local|(?:ray://)?{host_port}", value) if isinstance(value, str) else None
-        if match is None or (match.group(1) is not None and not 1 <= int(match.group(1)) <= 65535):
-            raise self._fail(key, f"one of {_names(RAY_ADDRESSES)}", value)
-        return str(value)
-
-    def env_name(self, key: str, default: str) -> str:
-        value = self._get(key)
-        if value is None:
-            return default
-        if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
-            # Never echo the value: a common mistake is to paste the token itself here.
-            raise ConfigError(
-                f"{self.name}.{key}: must be the name of an environment variable, like DISCORD_TOKEN; "
-                "put the token itself in that variable, never in this file"
-            )
-        return value
-
-    def ids(self, key: str) -> tuple[int, ...]:
-        value = self._get(key)
-        if value is None:
-            return ()
-        allowed = "a list of Discord IDs (positive integers), like [123456789012345678]"
-        if not isinstance(value, list):
-            raise self._fail(key, allowed, value)
-        for item in value:
-            if isinstance(item, bool) or not isinstance(item, int) or not 1 <= item <= MAX_ID:
-                raise self._fail(key, allowed, item)
-        return tuple(value)
-
-
-def _show(value: Any) -> str:
-    """A value as it looks in TOML, kept short so the error stays one readable line."""
-    if isinstance(value, bool):
-        text = "true" if value else "false"
-    elif isinstance(value, dict):
-        text = "a table"
-    else:
-        text = repr(value)  # repr escapes newlines in strings
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
-def _names(names: set[str] | tuple[str, ...]) -> str:
-    ordered = names if isinstance(names, tuple) else sorted(names)
-    return ", ".join(ordered)
-
-
-def _suggest(key: str, known: set[str]) -> str:
-    close = difflib.get_close_matches(key, sorted(known), n=1)
-    return f" (did you mean {close[0]}?)" if close else ""

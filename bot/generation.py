@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -79,15 +79,15 @@ class GenerationService:
         settings: Settings,
         store: Store,
         executor: Executor | RayExecutor,
-        model: sdengine.Model | sdengine.ModelInfo,
+        models: Mapping[str, sdengine.ModelInfo],
         *,
         progress_interval: float = 2.0,
     ) -> None:
         self.settings = settings
         self.store = store
         self.executor = executor
-        self.model = sdengine.describe(model)  # names and sizes: the Ray backend has no model in this process
-        self.policy = Policy(settings, model)
+        self.models = models  # names and sizes: the Ray backend has no model in this process
+        self.policy = Policy(settings, models)
         self.downloader = Downloader(settings.limits.max_image_bytes)
         self.progress_interval = progress_interval
         self.live: dict[int, LiveJob] = {}  # generation id -> its job, while queued or running
@@ -124,11 +124,11 @@ class GenerationService:
             raise UserError(f"#{row.id} has no stored seed to reproduce: give one with the seed option.")
         else:
             seed, notes = row.seed, [f"Exact reproduction of #{row.id} with its stored seed."]
-            if row.model != self.model.name:
-                notes.append(
-                    f"#{row.id} was made with model {row.model!r} and this is {self.model.name!r}, "
-                    "so the picture will differ."
-                )
+        if self.stored_model(row) is None:
+            notes.append(
+                f"#{row.id} was made with model {row.model!r}, which is no longer here, so this uses the default "
+                f"model {self.settings.model.label!r} and the picture will differ."
+            )
         request = self.request_from_row(row, seed=seed)
         await self.run(request, output, kind="reroll", user=user, parent_id=row.id, notes=notes)
 
@@ -182,6 +182,21 @@ class GenerationService:
 
     # ---- requests ------------------------------------------------------------------------------------------
 
+    def stored_model(self, row: Generation) -> str | None:
+        """The model that made `row`, by the name it was stored with or (for a row from before `[models]`, which
+        stored the path) by its path; None if it is no longer configured."""
+        if row.model in self.models:
+            return row.model
+        return next((m.label for m in self.settings.all_models if m.path == row.model), None)
+
+    def model_name(self, name: str | None) -> str:
+        """A model a user asked for by name (None: the default), or the sentence that lists the ones there are."""
+        if name is None:
+            return self.settings.model.label
+        if name not in self.models:
+            raise UserError(f"There is no model {name[:40]!r} here: pick one of {', '.join(self.models)}.")
+        return name
+
     def request_from_row(self, row: Generation, *, seed: int) -> sdengine.GenerationRequest:
         """The request that made `row`, with `seed`; a variation keeps its stored init image."""
         if row.strength is not None and row.init_image is None:  # image-to-image, but the image is gone
@@ -200,6 +215,7 @@ class GenerationService:
             count=row.count,
             image=row.init_image,
             strength=row.strength if row.strength is not None else self.settings.defaults.strength,
+            model=self.stored_model(row) or self.settings.model.label,
         )
 
     def variation_request(self, prompt: str, source: Generation | None) -> sdengine.GenerationRequest:
@@ -215,6 +231,7 @@ class GenerationService:
             seed=sdengine.random_seed(source.count if source else 1),
             count=source.count if source else 1,
             strength=self.settings.defaults.strength,
+            model=(self.stored_model(source) if source else None) or self.settings.model.label,
         )
 
     def room(self, user_id: int) -> str | None:
@@ -283,7 +300,7 @@ class GenerationService:
                     count=_int64(request.count),
                     strength=request.strength if image is not None or request.image is not None else None,
                     seed=None if request.seed is None else _int64(request.seed),
-                    model=self.model.name,
+                    model=request.model or self.settings.model.label,
                     init_image=request.image,
                     parent_id=parent_id,
                 )
@@ -312,7 +329,7 @@ class GenerationService:
             else:
                 width, height = request.width, request.height
                 if not (width and height):
-                    width, height = self.policy.image_size(init.width, init.height)
+                    width, height = self.policy.image_size(init.width, init.height, request.model)
                 prompt = request.prompt or prompt_in_png(init.data)
                 request = replace(request, image=init.data, width=width, height=height, prompt=prompt)
                 await self._save(
@@ -360,7 +377,7 @@ class GenerationService:
             if problem is not None:
                 raise UserError(problem)
             # Age-restricted channels take any result, so the checker only runs where it could change something.
-            checked = self.policy.safety_checks and not output.age_restricted
+            checked = self.policy.checks_safety(request.model) and not output.age_restricted
             job = self.executor.submit(replace(request, safety_check=checked), owner=str(made.user_id))
         except (UserError, sdengine.SDEngineError) as exc:  # the caps, a shutdown, a generator that is down
             log.info("#%d rejected: %s", gen_id, exc)

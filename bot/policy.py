@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from PIL import Image
 
@@ -20,33 +20,45 @@ log = logging.getLogger(__name__)
 
 
 class Policy:
-    """The limits of `settings.limits`, the per-user cooldown, and whether results are safety-checked."""
+    """The limits of `settings.limits` (each model's sizes and costs measured against its own native size), the
+    per-user cooldown, and whether results are safety-checked."""
 
-    def __init__(self, settings: Settings, model: sdengine.Model | sdengine.ModelInfo) -> None:
+    def __init__(self, settings: Settings, models: Mapping[str, sdengine.ModelInfo]) -> None:
         self.settings = settings
-        self.model = model = sdengine.describe(model)  # names and sizes only: on the Ray backend that is all there is
+        self.models = models  # names and sizes only: on the Ray backend that is all there is
         self._last_submit: dict[int, float] = {}  # user id -> time.monotonic() of their last accepted request
 
         # The NSFW policy: check results with the model's safety checker (unless configured off), and black out
         # what it flags outside age-restricted channels. Without one, discord.nsfw_channels_only is the only guard.
         checker = settings.safety.checker
-        if checker == "on" and not model.has_safety_checker:
-            raise sdengine.ModelLoadError(
-                f'safety.checker is "on" but the model {model.name!r} has no safety_checker and feature_extractor '
-                'folders: use a model folder that has them, or set safety.checker to "auto" or "off".'
-            )
-        self.safety_checks = checker != "off" and model.has_safety_checker
-        if not self.safety_checks and not settings.discord.nsfw_channels_only:
-            log.warning(
-                "no NSFW safety checker runs and discord.nsfw_channels_only is false: "
-                "results are posted unfiltered in every allowed channel"
-            )
+        for name, model in models.items():
+            if checker == "on" and not model.has_safety_checker:
+                raise sdengine.ModelLoadError(
+                    f'safety.checker is "on" but the model {name!r} has no safety_checker and feature_extractor '
+                    'folders: use a model folder that has them, or set safety.checker to "auto" or "off".'
+                )
+        if not settings.discord.nsfw_channels_only:
+            unchecked = [name for name in models if not self.checks_safety(name)]
+            if unchecked:
+                log.warning(
+                    "no NSFW safety checker runs for %s and discord.nsfw_channels_only is false: "
+                    "their results are posted unfiltered in every allowed channel",
+                    ", ".join(unchecked),
+                )
+
+    def model(self, name: str | None) -> sdengine.ModelInfo:
+        """A model by name (None: the default); the caller has resolved the name (`GenerationService.model_name`)."""
+        return self.models[name or self.settings.model.label]
+
+    def checks_safety(self, model: str | None) -> bool:
+        return self.settings.safety.checker != "off" and self.model(model).has_safety_checker
 
     def problem(self, request: sdengine.GenerationRequest, user_id: int) -> str | None:
         """Why `request` may not run here, in one sentence; None if it may. An init image not yet fetched is
         costed at the model's native area, which is what `image_size` gives it."""
+        model = self.model(request.model)
         try:
-            sdengine.check_for_model(self.model, request)
+            sdengine.check_for_model(model, request)
         except sdengine.InvalidRequest as exc:
             return str(exc)
         limits = self.settings.limits
@@ -57,8 +69,8 @@ class Policy:
         for name, side in (("width", request.width), ("height", request.height)):
             if side is not None and side > limits.max_side:
                 return f"The {name} can be at most {limits.max_side} pixels here, not {side}."
-        width = request.width or self.model.native_size
-        height = request.height or self.model.native_size
+        width = request.width or model.native_size
+        height = request.height or model.native_size
         if width * height * request.steps * request.count > limits.max_cost:
             images = "1 image" if request.count == 1 else f"{request.count} images"
             return (
@@ -67,11 +79,12 @@ class Policy:
             )
         return self.cooldown(user_id)
 
-    def image_size(self, width: int, height: int) -> tuple[int, int]:
+    def image_size(self, width: int, height: int, model: str | None) -> tuple[int, int]:
         """The size to draw an init image's variation at: its aspect ratio at about the model's native area, in
         the model's size steps, shrunk to fit `limits.max_side`."""
-        step = 8 * self.model.latent_factor
-        return render.fit_aspect(width / height, self.model.native_size, step, self.settings.limits.max_side)
+        info = self.model(model)
+        step = 8 * info.latent_factor
+        return render.fit_aspect(width / height, info.native_size, step, self.settings.limits.max_side)
 
     def cooldown(self, user_id: int) -> str | None:
         """The cooldown sentence while the user must still wait after their last accepted request, else None."""

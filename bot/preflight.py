@@ -1,10 +1,10 @@
 """What can be checked without Discord: the database and the model, or the Ray cluster that runs it.
 
-`sdbot` runs `open_database` and `load_model` (`start_cluster` with `[executor] backend = "ray"`) before it logs in,
+`sdbot` runs `open_database` and `load_models` (`start_cluster` with `[executor] backend = "ray"`) before it logs in,
 so a broken setup is reported at once, in one line, not after a network round trip. `sdbot --check` runs `check`:
 those two, then one tiny test generation.
 
-Importing this module loads no torch: `load_model` does, and on the Ray backend only the workers ever load it.
+Importing this module loads no torch: `load_models` does, and on the Ray backend only the workers ever load it.
 """
 
 from __future__ import annotations
@@ -17,11 +17,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import sdengine
-from bot.config import ConfigError, Settings
+from bot.config import ConfigError, ModelSettings, Settings
 from bot.store import Store, StoreError
+from sdengine.info import ModelSpec
 from sdengine.jobs import ExecutorConfig
 
-if TYPE_CHECKING:  # Ray is an optional extra, imported only by `start_cluster`
+if TYPE_CHECKING:  # Ray is an optional extra, imported only by `start_cluster`; torch only by `load_models`
+    from sdengine.pool import ModelPool
     from sdengine.ray_cluster import Cluster
 
 
@@ -49,22 +51,23 @@ def open_database(path: Path) -> None:
         raise PreflightError(f"database '{path}' cannot be used ({err}): check [storage] database") from err
 
 
-def load_model(settings: Settings) -> sdengine.Model:
-    """Load `[model]` as the bot does. A bad path, a missing device (`cuda` without CUDA) or a damaged file raises
-    PreflightError."""
-    model = settings.model
+def load_models(settings: Settings) -> ModelPool:
+    """Load `[model]` (or every `[models.NAME]`) as the bot does. A bad path, a missing device (`cuda` without CUDA)
+    or a damaged file raises PreflightError naming the model."""
+    from sdengine.pool import ModelPool, PoolLoadError
+
+    specs = {model.label: model_spec(settings, model) for model in settings.all_models}
     try:
-        return sdengine.load_model(
-            model.path,
-            device=model.device,
-            dtype=model.dtype,
-            safety_checker=settings.safety.checker != "off",
-            memory=model.memory,
-        )
-    except sdengine.SDEngineError as err:
-        raise PreflightError(f"model {model.path!r} cannot be loaded: {err}") from err
-    except Exception as err:  # e.g. a CUDA driver error from torch: still the setup, not a bug of sdbot
-        raise PreflightError(f"model {model.path!r} cannot be loaded: {_describe(err)}") from err
+        return ModelPool.load(specs, settings.model.label, settings.executor.max_loaded)
+    except PoolLoadError as err:
+        which = repr(err.path) if err.name == err.path else f"{err.name!r} ({err.path!r})"
+        # An engine error says what to do; anything else (a CUDA driver error, say) is still the setup's.
+        why = str(err) if isinstance(err.cause, sdengine.SDEngineError) else _describe(err.cause)
+        raise PreflightError(f"model {which} cannot be loaded: {why}") from err
+
+
+def model_spec(settings: Settings, model: ModelSettings) -> ModelSpec:
+    return ModelSpec(model.path, model.device, model.dtype, settings.safety.checker != "off", model.memory)
 
 
 def executor_config(settings: Settings) -> ExecutorConfig:
@@ -84,13 +87,12 @@ def start_cluster(settings: Settings) -> Cluster:
     try:
         from sdengine.ray_cluster import ClusterError
         from sdengine.ray_cluster import start_cluster as start
-        from sdengine.ray_worker import ModelSpec
     except ImportError as err:
         raise PreflightError(
             f'[executor] backend = "ray" needs Ray ({err.name or err} is missing): pip install "sdbot[ray]"'
         ) from err
-    model, ray = settings.model, settings.executor.ray
-    spec = ModelSpec(model.path, model.device, model.dtype, settings.safety.checker != "off", model.memory)
+    ray = settings.executor.ray
+    spec = model_spec(settings, settings.model)
     try:
         return start(ray.address, ray.workers, ray.gpus_per_worker, spec, executor_config(settings))
     except ClusterError as err:
@@ -171,14 +173,20 @@ def check(
 
 def _check_local(settings: Settings, say: Callable[[str], None]) -> None:
     started = time.perf_counter()
-    model = load_model(settings)
-    checker = "with" if model.safety_checker is not None else "without"
-    say(
-        f"model {model.name!r} loaded on {model.device} ({str(model.dtype).removeprefix('torch.')}, memory "
-        f"{model.memory}, {checker} a safety checker) in {time.perf_counter() - started:.1f} s"
-    )
-    started = time.perf_counter()
-    _say_generated(generate_test_image(model, settings), started, say)
+    pool = load_models(settings)
+    loaded = time.perf_counter() - started
+    for name in sorted(pool.names, key=lambda n: n != pool.default):  # the default first: it is on the device
+        started = time.perf_counter()
+        model = pool.acquire(name, set())
+        checker = "with" if model.safety_checker is not None else "without"
+        which = repr(name) if name == model.name else f"{name!r} ({model.name!r})"
+        say(
+            f"model {which} loaded on {model.device} ({str(model.dtype).removeprefix('torch.')}, memory "
+            f"{model.memory}, {checker} a safety checker) in {loaded + time.perf_counter() - started:.1f} s"
+        )
+        loaded = 0.0  # the load of all of them is counted once, on the first line
+        started = time.perf_counter()
+        _say_generated(generate_test_image(model, settings), started, say)
 
 
 def _check_cluster(settings: Settings, say: Callable[[str], None]) -> None:

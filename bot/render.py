@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import discord
 from PIL import Image
 
+import sdengine
+
 MAX_CONTENT = 2000  # characters in one Discord message
 MAX_FILES = 10  # attachments on one Discord message
 PREVIEW_SIDE = 256
@@ -135,6 +137,18 @@ def fit_files(files: Sequence[File], limit: int) -> tuple[list[File], list[File]
 
 def queued_text(gen_id: int, position: int, length: int) -> str:
     return f"**#{gen_id}** · queued: position {position} of {length}"
+
+
+KIND_LABELS = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+
+
+def model_label(name: str, info: sdengine.ModelInfo, *, default: bool, loaded: bool) -> str:
+    """One model as /models and the model option's list show it, e.g. `xl · SDXL 1024² · default · loaded`."""
+    parts = [name, f"{KIND_LABELS.get(info.kind, info.kind)} {info.native_size}²"]
+    if default:
+        parts.append("default")
+    parts.append("loaded" if loaded else "not loaded: its first request waits for it")
+    return " · ".join(parts)
 
 
 def loading_text(gen_id: int, model: str) -> str:

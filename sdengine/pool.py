@@ -61,11 +61,12 @@ class ModelPool:
         self._recent: OrderedDict[str, None] = OrderedDict()  # on the device, least recently used first
 
     @classmethod
-    def of(cls, model: Model) -> ModelPool:
-        """One model, already loaded, under its own name."""
-        pool = cls(model.name)
-        pool._entries[model.name] = _Entry(None, model, describe(model))
-        pool._recent[model.name] = None
+    def of(cls, model: Model, name: str | None = None) -> ModelPool:
+        """One model, already loaded, under `name` (by default its own)."""
+        name = name or model.name
+        pool = cls(name)
+        pool._entries[name] = _Entry(None, model, describe(model))
+        pool._recent[name] = None
         return pool
 
     @classmethod

@@ -98,15 +98,9 @@ class Worker:
         self._tasks: set[asyncio.Task[None]] = set()
         try:
             from .executor import Executor
-            from .models import load_model
+            from .pool import load_spec
 
-            model = load_model(
-                spec.path,
-                device=spec.device,
-                dtype=spec.dtype,
-                safety_checker=spec.safety_checker,
-                memory=spec.memory,
-            )
+            model = load_spec(spec)
             self._executor = Executor(model, config)
             self._info = describe(model)
         except Exception as exc:  # reported by `ready` as one line, never a traceback

@@ -317,7 +317,7 @@ async def test_imagine_through_the_bot_gives_the_local_backend_s_pixels(harness:
     bot = SDBot(ray_settings, cluster=cluster, progress_interval=0.05, guild_ready_timeout=0.05)
     async with run_client(fake, bot):
         await fake.wait_commands_synced(*COMMANDS)
-        assert isinstance(bot.executor, RayExecutor) and isinstance(bot.model, sdengine.ModelInfo)
+        assert isinstance(bot.executor, RayExecutor) and isinstance(bot.models["tiny"], sdengine.ModelInfo)
         on_ray = await harness.result_of(
             await fake.slash_command("imagine", {"prompt": "a lighthouse", "seed": 7}), timeout=CEILING
         )

@@ -9,8 +9,9 @@ from discord.ext import commands
 import sdengine
 from bot import render
 from bot.app import SDBot
+from bot.cogs.models import model_labels
 from bot.output import Output
-from bot.replies import Interaction, tell
+from bot.replies import Interaction, UserError, tell
 from sdengine.request import MAX_SEED, SCHEDULER_LABELS
 
 SIZE_NAMES = {
@@ -37,6 +38,7 @@ class Imagine(commands.Cog):
         count="How many pictures",
         image="Start from this image instead of noise",
         strength="With an image: how far to move away from it (1 = ignore it)",
+        model="The model to draw with (/models lists them)",
     )
     @app_commands.choices(
         scheduler=[app_commands.Choice(name=label, value=key) for key, label in SCHEDULER_LABELS.items()],
@@ -55,16 +57,21 @@ class Imagine(commands.Cog):
         count: app_commands.Range[int, 1, 4] = 1,
         image: discord.Attachment | None = None,
         strength: app_commands.Range[float, 0.05, 1.0] | None = None,
+        model: str | None = None,
     ) -> None:
         await interaction.response.defer()
         bot = self.bot
         defaults = bot.settings.defaults
         width = height = None
         problem = None
+        try:
+            model = bot.generations.model_name(model)
+        except UserError as exc:  # the list offers only the models there are, but anything can be typed
+            problem, model = str(exc), None
         if size in render.ASPECTS:
-            model = bot.model
-            step = 8 * model.latent_factor
-            width, height = render.aspect_size(size, model.native_size, step, bot.settings.limits.max_side)
+            info = bot.models[model or bot.settings.model.label]  # each model's own native size and size steps
+            step = 8 * info.latent_factor
+            width, height = render.aspect_size(size, info.native_size, step, bot.settings.limits.max_side)
         elif size is not None:  # Discord offers only the choices, but a stale or forged payload can carry anything
             problem = f"Unknown size {size[:40]!r}: use one of {', '.join(render.ASPECTS)}."
         request = sdengine.GenerationRequest(
@@ -78,6 +85,7 @@ class Imagine(commands.Cog):
             height=height,
             count=count,
             strength=strength or defaults.strength,
+            model=model,
         )
         await bot.generations.run(
             request,
@@ -87,6 +95,15 @@ class Imagine(commands.Cog):
             image=image,
             problem=problem,
         )
+
+    @imagine.autocomplete("model")
+    async def model_autocomplete(self, interaction: Interaction, current: str) -> list[app_commands.Choice[str]]:
+        typed = current.casefold()
+        return [
+            app_commands.Choice(name=label[:100], value=name)
+            for name, label in model_labels(self.bot)
+            if typed in name.casefold()
+        ][:25]
 
     async def cog_app_command_error(self, interaction: Interaction, error: app_commands.AppCommandError) -> None:
         # Discord enforces choices and ranges, but a client with a stale copy of the command can still send
