@@ -227,10 +227,10 @@ def parse_settings(data: Mapping[str, Any]) -> Settings:
         safety=SafetySettings(checker=safety.choice("checker", SafetySettings.checker, CHECKERS)),
         executor=_executor_settings(executor, ray),
     )
-    for section in (discord, model, storage, defaults, limits, safety, executor, ray, *models):
-        section.check_unknown()
     if models:
         settings = replace(settings, **_several_models(models, data, settings.executor))
+    for section in (discord, model, storage, defaults, limits, safety, executor, ray, *models):
+        section.check_unknown()
     return settings
 
 

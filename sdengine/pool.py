@@ -82,6 +82,7 @@ class ModelPool:
             pool._entries[name] = _Entry(specs[name], model, describe(model))
             pool._recent[name] = None
             pool._make_room(keep={name})
+        pool._entries = {name: pool._entries[name] for name in specs}  # listed in the config's order
         return pool
 
     @property

@@ -34,7 +34,7 @@ from bot.store import Generation, Store
 from sdengine import Model
 from tests.fakediscord import FakeDiscord, FakeInteraction, FakeMessage, run_client
 
-COMMANDS = ("imagine", "reroll", "history", "queue", "cancel", "Make variations")
+COMMANDS = ("imagine", "reroll", "history", "queue", "cancel", "models", "Make variations")
 RESULT_ID = re.compile(r"gen:(\d+):reroll")
 
 
