@@ -57,6 +57,10 @@ class ModelSettings:
     dtype: str = "auto"
     memory: str = "auto"  # "fast", "low" (small GPUs) or "auto" (picked from free GPU memory)
     name: str = ""  # NAME of a [models.NAME] table; empty for a lone [model]
+    # This model's own limits; 0: [limits] max_side and max_cost, which are meant for a 512² model, scaled up for a
+    # model with a larger native size (an SDXL model gets twice the side and four times the cost).
+    max_side: int = 0
+    max_cost: int = 0
 
     @property
     def label(self) -> str:
@@ -131,6 +135,9 @@ class Settings:
     @property
     def all_models(self) -> tuple[ModelSettings, ...]:
         return self.models or (self.model,)
+
+    def model_named(self, label: str) -> ModelSettings:
+        return next(m for m in self.all_models if m.label == label)
 
     def token(self, env: Mapping[str, str] = os.environ) -> str:
         """The bot token from the environment variable named by `discord.token_env`."""
@@ -241,6 +248,8 @@ def _model_settings(model: Section, name: str = "") -> ModelSettings:
         dtype=model.choice("dtype", ModelSettings.dtype, DTYPES),
         memory=model.choice("memory", ModelSettings.memory, MEMORY_MODES),
         name=name,
+        max_side=model.integer("max_side", ModelSettings.max_side, 0, ENGINE_MAX_SIDE),
+        max_cost=model.integer("max_cost", ModelSettings.max_cost, 0, MAX_ID),
     )
 
 

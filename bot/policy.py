@@ -14,7 +14,7 @@ from PIL import Image
 
 import sdengine
 from bot import render
-from bot.config import Settings
+from bot.config import ENGINE_MAX_SIDE, Settings
 
 log = logging.getLogger(__name__)
 
@@ -62,16 +62,17 @@ class Policy:
         except sdengine.InvalidRequest as exc:
             return str(exc)
         limits = self.settings.limits
+        max_side, max_cost = self.size_limits(request.model)
         if request.steps > limits.max_steps:
             return f"Steps can be at most {limits.max_steps} here, not {request.steps}."
         if request.count > limits.max_count:
             return f"At most {limits.max_count} images per request here, not {request.count}."
         for name, side in (("width", request.width), ("height", request.height)):
-            if side is not None and side > limits.max_side:
-                return f"The {name} can be at most {limits.max_side} pixels here, not {side}."
+            if side is not None and side > max_side:
+                return f"The {name} can be at most {max_side} pixels here, not {side}."
         width = request.width or model.native_size
         height = request.height or model.native_size
-        if width * height * request.steps * request.count > limits.max_cost:
+        if width * height * request.steps * request.count > max_cost:
             images = "1 image" if request.count == 1 else f"{request.count} images"
             return (
                 f"{images} of {width}x{height} at {request.steps} steps is more work than allowed here: "
@@ -84,7 +85,16 @@ class Policy:
         the model's size steps, shrunk to fit `limits.max_side`."""
         info = self.model(model)
         step = 8 * info.latent_factor
-        return render.fit_aspect(width / height, info.native_size, step, self.settings.limits.max_side)
+        return render.fit_aspect(width / height, info.native_size, step, self.size_limits(model)[0])
+
+    def size_limits(self, model: str | None) -> tuple[int, int]:
+        """`max_side` and `max_cost` for a model: its own, or `[limits]` (meant for 512² models) scaled to its native
+        size, so that an SDXL model gets its 1024² pictures under the limits a 512² model has."""
+        info = self.model(model)
+        settings = self.settings.model_named(model or self.settings.model.label)
+        scale = max(1.0, info.native_size / 512)
+        max_side = settings.max_side or min(ENGINE_MAX_SIDE, round(self.settings.limits.max_side * scale))
+        return max_side, settings.max_cost or round(self.settings.limits.max_cost * scale**2)
 
     def cooldown(self, user_id: int) -> str | None:
         """The cooldown sentence while the user must still wait after their last accepted request, else None."""

@@ -145,6 +145,21 @@ def test_lower_max_steps_lowers_the_default_steps(tmp_path: Path) -> None:
         ("steps = 25", "steps", "use [discord], [model]"),
         ("limits = 3", "limits", "must be a table"),
         ("[defaults]\nnegative = '''\nline one\nline two'''\nscheduler = 'nope'", "defaults.scheduler", "'nope'"),
+        ("[model]\npath = 'a'\n[models.b]\npath = 'b'", "model", "either one [model] table or [models.NAME]"),
+        ("[models.a]\npath = 'a'\ndefault = true\n[models.b]\npath = 'b'\ndefault = true", "models", "a, b"),
+        ("[models.a]\ndtype = 'fp16'", "models.a.path", "missing"),
+        ("[models.'my model']\npath = 'a'", "models.my model", "letters, digits"),
+        ("[models.a]\npath = 'a'\nmax_sid = 5", "models.a.max_sid", "did you mean max_side?"),
+        ("[models.a]\npath = 'a'\nmax_side = 4096", "models.a.max_side", "from 0 to 2048"),
+        ("[models.a]\npath = 'a'\n[models.b]\npath = 'b'\ndevice = 'cpu'", "models.b.device", "one device"),
+        ("models = 'tiny'", "models", "must be tables"),
+        ("[models]\na = 'tiny'", "models.a", "must be a table"),
+        ("[executor]\nmax_loaded = -1", "executor.max_loaded", "from 0 to 25"),
+        (
+            "[executor]\nbackend = 'ray'\n[models.a]\npath = 'a'\n[models.b]\npath = 'b'",
+            "models",
+            "serves one model",
+        ),
     ],
 )
 def test_invalid_values_raise_one_line_naming_the_key(tmp_path: Path, text: str, key: str, fragment: str) -> None:
@@ -241,3 +256,28 @@ def test_engine_limits_match_sdengine() -> None:
     assert config.ENGINE_MAX_COUNT == pipeline.MAX_COUNT
     assert config.ENGINE_MAX_GUIDANCE == pipeline.MAX_GUIDANCE
     assert config.ENGINE_MAX_PROMPT_CHARS == pipeline.MAX_PROMPT_CHARS
+
+
+def test_several_models_keep_their_order_and_default(tmp_path: Path) -> None:
+    settings = load_settings(
+        write(
+            tmp_path,
+            """
+            [models.sd15]
+            path = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+            [models.xl]
+            path = "/models/sdxl-base"
+            default = true
+            max_cost = 1000
+
+            [executor]
+            max_loaded = 1
+            """,
+        )
+    )
+    assert [m.label for m in settings.all_models] == ["sd15", "xl"]
+    assert settings.model.label == "xl" and settings.model_named("xl").max_cost == 1000
+    assert settings.executor.max_loaded == 1
+    lone = load_settings(write(tmp_path, '[model]\npath = "tiny"'))
+    assert [m.label for m in lone.all_models] == ["tiny"]  # a lone [model] is named by its path, as rows were

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
 
+import sdengine
 from bot.app import SDBot
 from bot.config import Settings, load_settings
+from bot.policy import Policy
 from tests.botharness import COMMANDS, fake_fixture, pixels, result_id, sentence
 from tests.fakediscord import FakeDiscord, FakeInteraction, FakeMessage, run_client
 
@@ -145,3 +148,22 @@ async def test_rows_from_before_models_still_reroll(fake: FakeDiscord, tmp_path:
         assert "made with model 'legacy', which is no longer here, so this uses the default model 'sd'" in (
             stand_in.content
         )
+
+
+def test_each_model_has_its_own_size_limits(tmp_path: Path) -> None:
+    """[limits] are meant for 512² models: a 1024² model gets them scaled, unless its table sets its own."""
+    (tmp_path / "config.toml").write_text(
+        '[models.sd]\npath = "sd"\n[models.xl]\npath = "xl"\n[models.capped]\npath = "c"\nmax_side = 640\nmax_cost = 99'
+    )
+    settings = load_settings(tmp_path / "config.toml")
+    sd1 = sdengine.ModelInfo("sd", 512, 8, has_safety_checker=False)
+    xl = sdengine.ModelInfo("xl", 1024, 8, has_safety_checker=False, kind="sdxl")
+    policy = Policy(settings, {"sd": sd1, "xl": xl, "capped": xl})
+    limits = settings.limits
+    assert policy.size_limits("sd") == (limits.max_side, limits.max_cost)
+    assert policy.size_limits("xl") == (2 * limits.max_side, 4 * limits.max_cost)
+    assert policy.size_limits("capped") == (640, 99)
+    square = sdengine.GenerationRequest("a tree", steps=25, count=4, model="xl")  # 4 at SDXL's native 1024²
+    assert policy.problem(square, user_id=1) is None
+    assert "more work than allowed" in (policy.problem(dataclasses.replace(square, model="capped"), 1) or "")
+    assert policy.image_size(1000, 1000, "xl") == (1024, 1024)

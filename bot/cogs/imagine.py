@@ -70,8 +70,8 @@ class Imagine(commands.Cog):
             problem, model = str(exc), None
         if size in render.ASPECTS:
             info = bot.models[model or bot.settings.model.label]  # each model's own native size and size steps
-            step = 8 * info.latent_factor
-            width, height = render.aspect_size(size, info.native_size, step, bot.settings.limits.max_side)
+            max_side, _ = bot.generations.policy.size_limits(model)
+            width, height = render.aspect_size(size, info.native_size, 8 * info.latent_factor, max_side)
         elif size is not None:  # Discord offers only the choices, but a stale or forged payload can carry anything
             problem = f"Unknown size {size[:40]!r}: use one of {', '.join(render.ASPECTS)}."
         request = sdengine.GenerationRequest(
