@@ -59,6 +59,7 @@ class ModelPool:
         self.max_loaded = max_loaded
         self._entries: dict[str, _Entry] = {}
         self._recent: OrderedDict[str, None] = OrderedDict()  # on the device, least recently used first
+        self._device = torch.device("cpu")  # set by the first model
 
     @classmethod
     def of(cls, model: Model, name: str | None = None) -> ModelPool:
@@ -67,6 +68,7 @@ class ModelPool:
         pool = cls(name)
         pool._entries[name] = _Entry(None, model, describe(model))
         pool._recent[name] = None
+        pool._device = model.device
         return pool
 
     @classmethod
@@ -81,16 +83,15 @@ class ModelPool:
                 raise PoolLoadError(name, specs[name].path, err) from err
             pool._entries[name] = _Entry(specs[name], model, describe(model))
             pool._recent[name] = None
+            pool._device = model.device
             pool._make_room(keep={name})
         pool._entries = {name: pool._entries[name] for name in specs}  # listed in the config's order
         return pool
 
     @property
     def device(self) -> torch.device:
-        """The device the models run on: the default one's (the bot's config gives them all one device)."""
-        model = self._entries[self.default].model
-        assert model is not None, "the default model is loaded first and never unloaded before the pool is used"
-        return model.device
+        """The device the models run on: the bot's config gives them all one device."""
+        return self._device
 
     @property
     def names(self) -> list[str]:
