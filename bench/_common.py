@@ -25,7 +25,7 @@ def random_model(shape: str, device: str = "auto") -> Model:
     return model
 
 
-def _rss_bytes() -> int:
+def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
@@ -44,14 +44,14 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self._base = torch.cuda.memory_allocated()
         else:
-            self._base = _rss_bytes()
+            self._base = rss_bytes()
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
         return self
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, _rss_bytes() - self._base)
+            self.peak = max(self.peak, rss_bytes() - self._base)
             time.sleep(0.005)
 
     def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:

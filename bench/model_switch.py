@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import PeakMemory, _rss_bytes, random_model
+from bench._common import PeakMemory, random_model, rss_bytes
 from sdengine import GenerationRequest, generate
 from sdengine.info import ModelSpec
 from sdengine.models import save_model
@@ -31,7 +31,7 @@ def resident_mib(device: str) -> float:
 
     if device.startswith("cuda"):
         return torch.cuda.memory_allocated() / 2**20
-    return _rss_bytes() / 2**20
+    return rss_bytes() / 2**20
 
 
 def main() -> None:
