@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
             log.info("starting the Ray workers at %r with model %r", settings.executor.ray.address, settings.model.path)
             cluster = preflight.start_cluster(settings)
         else:
-            log.info("loading model %r on %s (%s)", settings.model.path, settings.model.device, settings.model.dtype)
+            paths = ", ".join(repr(m.path) for m in settings.all_models)
+            log.info("loading model %s on %s (%s)", paths, settings.model.device, settings.model.dtype)
             model = preflight.load_models(settings)
     except preflight.PreflightError as err:
         return fail(str(err), EXIT_SETUP)
