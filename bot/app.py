@@ -254,6 +254,7 @@ class SDBot(commands.Bot):
                 dtype=model.dtype,
                 safety_checker=settings.safety.checker != "off",
                 memory=model.memory,
+                compile=model.compile,
             )
         from sdengine.executor import Executor  # loads torch: only the bot that runs the model needs it
 

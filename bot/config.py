@@ -58,6 +58,7 @@ class ModelSettings:
     device: str = "auto"
     dtype: str = "auto"
     memory: str = "auto"  # "fast", "low" (small GPUs) or "auto" (picked from free GPU memory)
+    compile: bool = False  # torch.compile the UNet and the VAE decoder, warmed up at start
 
 
 @dataclass(frozen=True)
@@ -199,6 +200,7 @@ def parse_settings(data: Mapping[str, Any]) -> Settings:
             device=model.device("device", ModelSettings.device),
             dtype=model.choice("dtype", ModelSettings.dtype, DTYPES),
             memory=model.choice("memory", ModelSettings.memory, MEMORY_MODES),
+            compile=model.flag("compile", ModelSettings.compile),
         ),
         storage=StorageSettings(
             database=Path(storage.text("database", str(StorageSettings.database), allow_empty=False)),

@@ -60,6 +60,7 @@ def load_model(settings: Settings) -> sdengine.Model:
             dtype=model.dtype,
             safety_checker=settings.safety.checker != "off",
             memory=model.memory,
+            compile=model.compile,
         )
     except sdengine.SDEngineError as err:
         raise PreflightError(f"model {model.path!r} cannot be loaded: {err}") from err
@@ -90,7 +91,9 @@ def start_cluster(settings: Settings) -> Cluster:
             f'[executor] backend = "ray" needs Ray ({err.name or err} is missing): pip install "sdbot[ray]"'
         ) from err
     model, ray = settings.model, settings.executor.ray
-    spec = ModelSpec(model.path, model.device, model.dtype, settings.safety.checker != "off", model.memory)
+    spec = ModelSpec(
+        model.path, model.device, model.dtype, settings.safety.checker != "off", model.memory, model.compile
+    )
     try:
         return start(ray.address, ray.workers, ray.gpus_per_worker, spec, executor_config(settings))
     except ClusterError as err:
@@ -175,7 +178,8 @@ def _check_local(settings: Settings, say: Callable[[str], None]) -> None:
     checker = "with" if model.safety_checker is not None else "without"
     say(
         f"model {model.name!r} loaded on {model.device} ({str(model.dtype).removeprefix('torch.')}, memory "
-        f"{model.memory}, {checker} a safety checker) in {time.perf_counter() - started:.1f} s"
+        f"{model.memory}{', compiled' if model.compiled else ''}, {checker} a safety checker) in "
+        f"{time.perf_counter() - started:.1f} s"
     )
     started = time.perf_counter()
     _say_generated(generate_test_image(model, settings), started, say)

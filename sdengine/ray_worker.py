@@ -61,6 +61,7 @@ class ModelSpec:
     dtype: str = "auto"
     safety_checker: bool = True
     memory: str = "auto"
+    compile: bool = False
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,7 @@ class Worker:
                 dtype=spec.dtype,
                 safety_checker=spec.safety_checker,
                 memory=spec.memory,
+                compile=spec.compile,
             )
             self._executor = Executor(model, config)
             self._info = describe(model)
