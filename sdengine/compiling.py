@@ -20,8 +20,10 @@ log = logging.getLogger(__name__)
 WARM_UP_STEPS = 2  # a multistep scheduler (DPM++ 2M) uses its second-order update from the second step
 
 
-def compile_model(model: Model) -> None:
-    """Compile the UNet and the VAE decoder in place, then generate once so that the compiler runs now."""
+def compile_model(model: Model, backend: str = "inductor") -> None:
+    """Compile the UNet and the VAE decoder in place, then generate once so that the compiler runs now.
+
+    `backend="eager"` traces with dynamo but generates no code: a quick run of the same path, for smoke tests."""
     from .pipeline import generate  # the pipeline imports the models module, which imports this one lazily
 
     size = model.native_size
@@ -36,8 +38,8 @@ def compile_model(model: Model) -> None:
     started = time.perf_counter()
     try:
         # In place (nn.Module.compile), so model.unet keeps its class, config and dtype for all who read them.
-        model.unet.compile()
-        model.vae.decoder.compile()  # vae.decode = post_quant_conv + decoder: the decoder is nearly all the work
+        model.unet.compile(backend=backend)
+        model.vae.decoder.compile(backend=backend)  # vae.decode = post_quant_conv + decoder: nearly all is the decoder
         generate(model, GenerationRequest("warm-up", steps=WARM_UP_STEPS, seed=0, width=size, height=size))
     except Exception as exc:  # a missing C++ compiler, an unsupported op: the eager model would still work
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
