@@ -2,7 +2,8 @@
 
 N requests from several owners arrive at once. For each executor it prints images per minute, p50/p95
 latency, the worst owner's finish time relative to its round-robin fair share, and the event loop's p99
-lag while generating; then the ratio batched/sequential.
+lag while generating; then the ratio batched/sequential, and where each thread spent its time (the
+executor's pipeline calls, timed per thread: the worker thread should do GPU work only).
 
     python bench/throughput.py                       # tiny at 64x64 and SD-1.5-shaped at 256x256
     python bench/throughput.py --shapes sd15 --size 512 --device cuda --batch 8
@@ -14,15 +15,51 @@ import argparse
 import asyncio
 import statistics
 import sys
+import threading
 import time
 import warnings
-from collections import Counter
+from collections import Counter, defaultdict
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import sdengine.executor
 from bench._common import random_model
 from sdengine import GenerationRequest, Model
 from sdengine.executor import Executor, ExecutorConfig
+
+# (thread name, pipeline call) -> seconds, filled by `time_pipeline_calls`
+BUSY: defaultdict[tuple[str, str], float] = defaultdict(float)
+# The pipeline calls the executor makes: prompts and latents, UNet, scheduler step, latent preview, VAE,
+# PNG encoding with infotext (and the safety checker).
+PIPELINE_CALLS = ("prepare", "predict_noise", "advance", "preview", "decode", "finish")
+
+
+def time_pipeline_calls() -> None:
+    """Wrap the executor's pipeline calls so that each adds its time to BUSY, under the calling thread's name."""
+
+    def timed(name: str, call: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return call(*args, **kwargs)
+            finally:
+                thread = threading.current_thread().name.split("_")[0]  # pool threads: one row for the pool
+                BUSY[thread, name] += time.perf_counter() - started
+
+        return wrapper
+
+    for name in PIPELINE_CALLS:
+        setattr(sdengine.executor, name, timed(name, getattr(sdengine.executor, name)))
+
+
+def report_busy(seconds: float) -> None:
+    """Per thread: seconds in each pipeline call, and the share of the run they fill."""
+    for thread in sorted({t for t, _ in BUSY}):
+        calls = {name: BUSY[thread, name] for name in PIPELINE_CALLS if (thread, name) in BUSY}
+        parts = "  ".join(f"{name} {s:.2f}" for name, s in calls.items())
+        print(f"  thread {thread}: {parts} s; busy {sum(calls.values()) / seconds:.0%} of {seconds:.1f} s")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -72,6 +109,7 @@ async def run(model: Model, max_batch: int, owners: list[str], size: int, steps:
         last = max(lat for lat, o in zip(latencies, owners, strict=True) if o == owner)
         worst = max(worst, last / fair)
     return {
+        "seconds": total,
         "images_per_minute": 60 * len(jobs) / total,
         "p50": statistics.median(latencies),
         "p95": percentile(latencies, 0.95),
@@ -101,6 +139,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     # Uneven owners: owner 0 sends half of the requests, the rest share the other half.
     owners = [f"owner{0 if i % 2 == 0 else 1 + (i // 2) % (args.owners - 1)}" for i in range(args.requests)]
+    time_pipeline_calls()
     for shape in args.shapes:
         tiny = shape == "tiny"
         size, steps = args.size or (64 if tiny else 256), args.steps or (20 if tiny else 4)
@@ -110,11 +149,13 @@ def main() -> None:
         )
         asyncio.run(run(model, 1, owners[:2], size, 1))  # warm-up
         sequential = asyncio.run(run(model, 1, owners, size, steps))
+        BUSY.clear()
         batched = asyncio.run(run(model, args.batch, owners, size, steps))
         report("sequential", sequential)
         report(f"batch {args.batch}", batched)
         ratio = batched["images_per_minute"] / sequential["images_per_minute"]
-        print(f"  ratio batched/sequential {ratio:.2f}", flush=True)
+        print(f"  ratio batched/sequential {ratio:.2f}; time per thread in the batched run:", flush=True)
+        report_busy(batched["seconds"])
 
 
 if __name__ == "__main__":

@@ -67,7 +67,9 @@ def load_models(settings: Settings) -> ModelPool:
 
 
 def model_spec(settings: Settings, model: ModelSettings) -> ModelSpec:
-    return ModelSpec(model.path, model.device, model.dtype, settings.safety.checker != "off", model.memory)
+    return ModelSpec(
+        model.path, model.device, model.dtype, settings.safety.checker != "off", model.memory, model.compile
+    )
 
 
 def executor_config(settings: Settings) -> ExecutorConfig:
@@ -182,7 +184,8 @@ def _check_local(settings: Settings, say: Callable[[str], None]) -> None:
         which = repr(name) if name == model.name else f"{name!r} ({model.name!r})"
         say(
             f"model {which} loaded on {model.device} ({str(model.dtype).removeprefix('torch.')}, memory "
-            f"{model.memory}, {checker} a safety checker) in {loaded + time.perf_counter() - started:.1f} s"
+            f"{model.memory}{', compiled' if model.compiled else ''}, {checker} a safety checker) in "
+            f"{loaded + time.perf_counter() - started:.1f} s"
         )
         loaded = 0.0  # the load of all of them is counted once, on the first line
         started = time.perf_counter()

@@ -100,6 +100,11 @@ def _parser() -> argparse.ArgumentParser:
         "auto picks from free GPU memory (default: %(default)s)",
     )
     imagine.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the UNet and the VAE decoder: a slow start (a warm-up run), then faster steps",
+    )
+    imagine.add_argument(
         "--scheduler", default=_DEFAULTS.scheduler, choices=SCHEDULERS, help="sampler (default: %(default)s)"
     )
     imagine.add_argument(
@@ -242,7 +247,7 @@ def _imagine(args: argparse.Namespace) -> int:
     from .models import load_model
     from .pipeline import check_inputs, generate
 
-    model = load_model(args.model, device=args.device, dtype=args.dtype, memory=args.memory)
+    model = load_model(args.model, device=args.device, dtype=args.dtype, memory=args.memory, compile=args.compile)
     check_inputs(model, request)
 
     # 3. Generate, then write one PNG per image, and a grid for more than one.

@@ -37,6 +37,7 @@ class ModelSpec:
     dtype: str = "auto"
     safety_checker: bool = True
     memory: str = "auto"
+    compile: bool = False
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,7 @@ class Model:
     # The pipeline's own settings from model_index.json (SDXL: force_zeros_for_empty_prompt, requires_aesthetics_score)
     pipeline_config: dict[str, Any] = field(default_factory=dict)
     memory: str = "fast"  # "fast" or "low", after "auto" is resolved; see MEMORY_MODES
+    compiled: bool = False  # the UNet and the VAE decoder run through torch.compile (sdengine.compiling)
     # (prompt, negative) -> prompts.PromptEmbeddings, most recent last: rerolls and variations repeat prompts
     prompt_cache: OrderedDict[tuple[str, str], Any] = field(default_factory=OrderedDict, repr=False, compare=False)
 
@@ -136,11 +137,13 @@ def load_model(
     dtype: str = "auto",
     safety_checker: bool = True,
     memory: str = "auto",
+    compile: bool = False,
 ) -> Model:
     """Load a model from `tiny`, `tiny-xl`, a local diffusers folder, a single .safetensors file, or a hub id.
 
     With `safety_checker`, a folder's (or hub snapshot's) `safety_checker/` and `feature_extractor/` are loaded too,
-    when it has them; the built-in models and single files have none. `memory` is one of MEMORY_MODES.
+    when it has them; the built-in models and single files have none. `memory` is one of MEMORY_MODES. `compile`
+    runs the UNet and the VAE decoder through torch.compile, warmed up here rather than on a user's first request.
     """
     if memory not in MEMORY_MODES:
         raise ModelLoadError(f"Unknown memory mode {memory!r}: use auto, fast or low.")
@@ -175,6 +178,10 @@ def load_model(
             raise ModelLoadError(f"The safety checker in {str(folder)!r} is damaged ({_first_line(exc)}).") from exc
     set_memory_mode(model, memory)
     log.info("loaded %s model %r on %s (%s), memory %s", model.kind, source, torch_device, torch_dtype, model.memory)
+    if compile:
+        from .compiling import compile_model  # it generates, and the pipeline imports this module
+
+        compile_model(model)
     return model
 
 

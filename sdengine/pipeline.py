@@ -198,8 +198,10 @@ def _resolve_size(model: Model, request: GenerationRequest, image: Image.Image |
 
 def _to_tensor(image: Image.Image, model: Model) -> torch.Tensor:
     """PIL RGB -> (1, 3, H, W) in [-1, 1], as diffusers' VaeImageProcessor does it, in the VAE's dtype."""
-    array = np.asarray(image, dtype=np.float32) / 255.0
-    tensor = torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0)
+    array = np.asarray(image, dtype=np.float32)[None] / 255.0  # (1, H, W, 3)
+    # Permuted with the batch axis in place, as diffusers does: these strides make the VAE's convolutions run
+    # channels-last, whose rounding differs from contiguous by a bf16 ulp that grows into several /255 levels.
+    tensor = torch.from_numpy(array).permute(0, 3, 1, 2)
     # Through the model's dtype first, as diffusers rounds the pixels before it upcasts them for an fp32 VAE.
     return (tensor * 2 - 1).to(device=model.device, dtype=model.dtype).to(model.vae_dtype)
 

@@ -55,6 +55,7 @@ def test_every_key_is_read(tmp_path: Path) -> None:
             device = "cuda:1"
             dtype = "bf16"
             memory = "low"
+            compile = true
 
             [storage]
             database = "data/bot.sqlite3"
@@ -87,7 +88,7 @@ def test_every_key_is_read(tmp_path: Path) -> None:
     assert settings.discord.owner_ids == (444444444444444444,)
     assert settings.discord.nsfw_channels_only is True
     assert (settings.model.path, settings.model.device, settings.model.dtype) == ("tiny", "cuda:1", "bf16")
-    assert settings.model.memory == "low"
+    assert settings.model.memory == "low" and settings.model.compile is True
     assert settings.storage.database == Path("data/bot.sqlite3")
     assert settings.defaults.steps == 30
     assert settings.defaults.guidance == 5.0 and isinstance(settings.defaults.guidance, float)
@@ -134,6 +135,7 @@ def test_lower_max_steps_lowers_the_default_steps(tmp_path: Path) -> None:
         ("[model]\ndevice = 'gpu'", "model.device", "cuda:N"),
         ("[model]\ndtype = 'int8'", "model.dtype", "one of auto, fp32, fp16, bf16"),
         ("[model]\nmemory = 'tiny'", "model.memory", "one of auto, fast, low"),
+        ("[model]\ncompile = 'yes'", "model.compile", "true or false"),
         ("[model]\npath = ''", "model.path", "non-empty"),
         ("[storage]\ndatabase = 5", "storage.database", "a string"),
         ("[discord]\nguild_ids = 123", "discord.guild_ids", "a list of Discord IDs"),

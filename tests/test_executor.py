@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import io
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -14,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+import sdengine.executor
 from sdengine import Cancelled, GenerationRequest, InvalidRequest, Model, OutOfMemory, generate
 from sdengine.executor import (
     Done,
@@ -222,6 +224,26 @@ async def test_events_arrive_in_order_and_the_loop_stays_responsive(tiny: Model)
     assert isinstance(events[-1], Done) and len(events[-1].result.pngs) == 1
     # Generous bound: the worker thread must never block the loop for a whole step.
     assert max(lags) < 0.5
+    await executor.shutdown()
+
+
+async def test_pngs_are_made_off_the_worker_thread_and_done_follows_the_last_step(
+    tiny: Model, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    threads: list[str] = []
+
+    def finish(*args: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return real_finish(*args)
+
+    real_finish = sdengine.executor.finish
+    monkeypatch.setattr(sdengine.executor, "finish", finish)
+    executor = Executor(tiny, ExecutorConfig(max_batch=4))
+    jobs = [executor.submit(request(seed=i, steps=2 + i), owner=f"u{i}") for i in range(3)]
+    for events in await asyncio.gather(*(_collect(job) for job in jobs)):
+        assert isinstance(events[-1], Done) and len(events[-1].result.pngs) == 1
+        assert isinstance(events[-2], Step) and events[-2].step == events[-2].total
+    assert len(threads) == 3 and all(name.startswith("sdengine-finish") for name in threads), threads
     await executor.shutdown()
 
 

@@ -36,8 +36,8 @@ def _max_diff(ours: Image.Image, theirs: Image.Image) -> int:
     return int(np.abs(a - b).max())
 
 
-def _pipeline_kwargs(folder: Path, scheduler: str) -> dict[str, Any]:
-    model = load_model(str(folder), device="cpu")
+def _pipeline_kwargs(folder: Path, scheduler: str, dtype: str = "auto") -> dict[str, Any]:
+    model = load_model(str(folder), device="cpu", dtype=dtype)
     return {
         "vae": model.vae,
         "text_encoder": model.text_encoder,
@@ -48,6 +48,24 @@ def _pipeline_kwargs(folder: Path, scheduler: str) -> dict[str, Any]:
         "feature_extractor": None,
         "requires_safety_checker": False,
     }
+
+
+def _diffusers_image(folder: Path, request: GenerationRequest, dtype: str = "auto") -> Image.Image:
+    """What diffusers' text-to-image or image-to-image pipeline draws for `request` (with its size and seed set)."""
+    assert request.width is not None and request.height is not None and request.seed is not None
+    kwargs = _pipeline_kwargs(folder, request.scheduler, dtype)
+    common: dict[str, Any] = {
+        "negative_prompt": request.negative,
+        "num_inference_steps": request.steps,
+        "guidance_scale": request.guidance,
+        "generator": torch.Generator("cpu").manual_seed(request.seed),
+    }
+    if request.image is None:
+        pipe = StableDiffusionPipeline(**kwargs)
+        return pipe(request.prompt, width=request.width, height=request.height, **common).images[0]
+    fitted = fit_image(Image.open(io.BytesIO(request.image)).convert("RGB"), request.width, request.height)
+    pipe = StableDiffusionImg2ImgPipeline(**kwargs)
+    return pipe(request.prompt, image=fitted, strength=request.strength, **common).images[0]
 
 
 @pytest.fixture(scope="module", params=["tiny_folder", "factor4_folder"])
@@ -72,18 +90,7 @@ def test_text_to_image_matches_diffusers(folder: Path, scheduler: str) -> None:
         height=height,
     )
     ours = generate(model, request).images[0]
-
-    pipe = StableDiffusionPipeline(**_pipeline_kwargs(folder, scheduler))
-    theirs = pipe(
-        PROMPT,
-        negative_prompt="blurry",
-        num_inference_steps=STEPS,
-        guidance_scale=7.5,
-        width=width,
-        height=height,
-        generator=torch.Generator("cpu").manual_seed(1234),
-    ).images[0]
-    assert _max_diff(ours, theirs) <= 1
+    assert _max_diff(ours, _diffusers_image(folder, request)) <= 1
 
 
 @pytest.mark.parametrize("scheduler", SCHEDULERS)
@@ -105,19 +112,7 @@ def test_image_to_image_matches_diffusers(folder: Path, scheduler: str) -> None:
         strength=0.6,
     )
     ours = generate(model, request).images[0]
-
-    pipe = StableDiffusionImg2ImgPipeline(**_pipeline_kwargs(folder, scheduler))
-    fitted = fit_image(Image.open(io.BytesIO(init)).convert("RGB"), width, height)
-    theirs = pipe(
-        PROMPT,
-        image=fitted,
-        negative_prompt="blurry",
-        num_inference_steps=STEPS + 3,
-        guidance_scale=6.0,
-        strength=0.6,
-        generator=torch.Generator("cpu").manual_seed(99),
-    ).images[0]
-    assert _max_diff(ours, theirs) <= 1
+    assert _max_diff(ours, _diffusers_image(folder, request)) <= 1
 
 
 def test_guidance_changes_the_picture(tiny_folder: Path) -> None:
