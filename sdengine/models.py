@@ -58,8 +58,12 @@ class Model:
     # The pipeline's own settings from model_index.json (SDXL: force_zeros_for_empty_prompt, requires_aesthetics_score)
     pipeline_config: dict[str, Any] = field(default_factory=dict)
     memory: str = "fast"  # "fast" or "low", after "auto" is resolved; see MEMORY_MODES
-    # (prompt, negative) -> prompts.PromptEmbeddings, most recent last: rerolls and variations repeat prompts
-    prompt_cache: OrderedDict[tuple[str, str], Any] = field(default_factory=OrderedDict, repr=False, compare=False)
+    # (prompt, negative, text-encoder LoRAs) -> prompts.PromptEmbeddings, most recent last: rerolls and variations
+    # repeat prompts
+    prompt_cache: OrderedDict[tuple[Any, ...], Any] = field(default_factory=OrderedDict, repr=False, compare=False)
+    # LoRA adapters by name (sdengine.lora), loaded once; and the (peft key, weight) pairs on now, per component
+    loras: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    active_loras: dict[str, tuple[tuple[str, float], ...]] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def text_encoders(self) -> list[torch.nn.Module]:
@@ -136,11 +140,13 @@ def load_model(
     dtype: str = "auto",
     safety_checker: bool = True,
     memory: str = "auto",
+    loras: str = "",
 ) -> Model:
     """Load a model from `tiny`, `tiny-xl`, a local diffusers folder, a single .safetensors file, or a hub id.
 
     With `safety_checker`, a folder's (or hub snapshot's) `safety_checker/` and `feature_extractor/` are loaded too,
-    when it has them; the built-in models and single files have none. `memory` is one of MEMORY_MODES.
+    when it has them; the built-in models and single files have none. `memory` is one of MEMORY_MODES. `loras` is
+    a folder of LoRA .safetensors files, loaded as adapters (sdengine.lora).
     """
     if memory not in MEMORY_MODES:
         raise ModelLoadError(f"Unknown memory mode {memory!r}: use auto, fast or low.")
@@ -173,6 +179,10 @@ def load_model(
             model.safety_checker = SafetyChecker.load(folder, torch_device, torch_dtype)
         except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
             raise ModelLoadError(f"The safety checker in {str(folder)!r} is damaged ({_first_line(exc)}).") from exc
+    if loras:
+        from .lora import load_adapters
+
+        load_adapters(model, loras)
     set_memory_mode(model, memory)
     log.info("loaded %s model %r on %s (%s), memory %s", model.kind, source, torch_device, torch_dtype, model.memory)
     return model

@@ -27,7 +27,12 @@ log = logging.getLogger(__name__)
 
 def load_spec(spec: ModelSpec) -> Model:
     return load_model(
-        spec.path, device=spec.device, dtype=spec.dtype, safety_checker=spec.safety_checker, memory=spec.memory
+        spec.path,
+        device=spec.device,
+        dtype=spec.dtype,
+        safety_checker=spec.safety_checker,
+        memory=spec.memory,
+        loras=spec.loras,
     )
 
 
