@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,11 +87,13 @@ def _load_file(model: Model, file: Path, key: str) -> None:
     )
     if not all("lora" in name for name in state_dict):
         raise ModelLoadError(f"The file {str(file)!r} is not a LoRA: its tensor names do not say `lora`.")
-    mixin.load_lora_into_unet(state_dict, network_alphas=alphas, unet=model.unet, adapter_name=key, metadata=metadata)
+    with _quiet():
+        mixin.load_lora_into_unet(
+            state_dict, network_alphas=alphas, unet=model.unet, adapter_name=key, metadata=metadata
+        )
     for prefix, encoder in (("text_encoder", model.text_encoder), ("text_encoder_2", model.text_encoder_2)):
         if encoder is not None:
-            # transformers reports every other adapter's weights as missing here: they are loaded, so say nothing.
-            with _quiet_transformers():
+            with _quiet():
                 mixin.load_lora_into_text_encoder(
                     state_dict,
                     network_alphas=alphas,
@@ -102,13 +105,17 @@ def _load_file(model: Model, file: Path, key: str) -> None:
 
 
 @contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
+def _quiet() -> Iterator[None]:
+    """Several adapters in one model are what we want, yet peft warns of each one after the first, and transformers
+    reports the weights of the others as missing (they are loaded): keep both out of the operator's log."""
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            yield
     finally:
         hf_logging.set_verbosity(verbosity)
 
