@@ -67,9 +67,7 @@ def load_models(settings: Settings) -> ModelPool:
 
 
 def model_spec(settings: Settings, model: ModelSettings) -> ModelSpec:
-    return ModelSpec(
-        model.path, model.device, model.dtype, settings.safety.checker != "off", model.memory, model.loras
-    )
+    return ModelSpec(model.path, model.device, model.dtype, settings.safety.checker != "off", model.memory, model.loras)
 
 
 def executor_config(settings: Settings) -> ExecutorConfig:

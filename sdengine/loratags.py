@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Collection
 
 from .errors import InvalidRequest
 
@@ -30,6 +31,11 @@ def parse_lora_tags(prompt: str) -> tuple[str, Loras]:
             raise InvalidRequest(f"The LoRA {name[:40]!r} is named twice in the prompt: keep one tag.")
         loras.append((name, weight))
     return _TAG.sub("", prompt), tuple(loras)
+
+
+def without_loras(prompt: str, names: Collection[str]) -> str:
+    """The prompt with the tags of the adapters `names` removed, the others kept as written."""
+    return _TAG.sub(lambda tag: "" if tag.group(1).split(":")[0].strip() in names else tag.group(0), prompt)
 
 
 def check_lora_weights(loras: Loras) -> None:
