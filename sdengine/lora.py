@@ -58,9 +58,12 @@ def load_adapters(model: Model, folder: str) -> None:
         except ModelLoadError:
             raise
         except Exception as exc:  # diffusers and peft raise many types on a damaged or mismatched file
+            from .models import KINDS
+
+            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             raise ModelLoadError(
-                f"Could not load the LoRA {str(file)!r} ({str(exc).strip()[:200]}): it must be a LoRA for a "
-                f"{model.kind} model."
+                f"Could not load the LoRA {str(file)!r} ({first_line}): it must be a LoRA for a "
+                f"{KINDS[model.kind]} model."
             ) from exc
         parts = frozenset(part for part, module in _components(model) if key in getattr(module, "peft_config", {}))
         if not parts:

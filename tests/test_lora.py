@@ -110,3 +110,12 @@ async def test_different_adapter_sets_batched_give_solo_pixels(model: Model) -> 
     for result, expected in zip(results, solo, strict=True):  # within rounding, as test_executor's batches
         assert np.abs(np.asarray(result.images[0], dtype=np.int16) - expected).max() <= 1
     assert len(set(calls)) == 4 and len(calls) == 4 * 2  # one call per adapter set and step, none shared
+
+
+def test_a_lora_for_another_kind_fails_the_load_with_one_line(tiny_folder: Path, tmp_path: Path) -> None:
+    make_lora("tiny-xl", tmp_path / "xl.safetensors", seed=1)
+    with pytest.raises(
+        ModelLoadError, match=r"xl.safetensors' \(.*\): it must be a LoRA for a Stable Diffusion 1.x"
+    ) as info:
+        load_model(str(tiny_folder), device="cpu", loras=str(tmp_path))
+    assert "\n" not in str(info.value)
