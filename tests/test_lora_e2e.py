@@ -37,6 +37,12 @@ async def test_imagine_with_a_lora_tag_and_its_reroll(
         plain = await result_of(await fake.slash_command("imagine", {"prompt": "a tree", "seed": 9}))
         assert not np.array_equal(pixels(plain.attachments[0].data), pixels(first.attachments[0].data))
 
+        offered = await fake.autocomplete("imagine", {"prompt": "a tree", "lora": "be"}, "lora")
+        assert [c["value"] for c in (await offered.wait_callback()).data["choices"]] == ["beta"]
+        options = {"prompt": "a tree", "lora": "alpha:0.8", "seed": 9}  # the option writes the same tag
+        by_option = await result_of(await fake.slash_command("imagine", options))
+        assert np.array_equal(pixels(by_option.attachments[0].data), pixels(first.attachments[0].data))
+
         again = await result_of(await fake.slash_command("reroll", {"id": row.id}))
         assert "Exact reproduction" in again.content and "LoRA" not in again.content
         assert np.array_equal(pixels(again.attachments[0].data), pixels(first.attachments[0].data))
