@@ -57,6 +57,7 @@ class ModelSettings:
     dtype: str = "auto"
     memory: str = "auto"  # "fast", "low" (small GPUs) or "auto" (picked from free GPU memory)
     compile: bool = False  # torch.compile the UNet and the VAE decoder, warmed up at start
+    loras: str = ""  # a folder of LoRA .safetensors files, each an adapter named by its file stem; "" for none
     name: str = ""  # NAME of a [models.NAME] table; empty for a lone [model]
     # This model's own limits; 0: [limits] max_side and max_cost, which are meant for a 512² model, scaled up for a
     # model with a larger native size (an SDXL model gets twice the side and four times the cost).
@@ -249,10 +250,18 @@ def _model_settings(model: Section, name: str = "") -> ModelSettings:
         dtype=model.choice("dtype", ModelSettings.dtype, DTYPES),
         memory=model.choice("memory", ModelSettings.memory, MEMORY_MODES),
         compile=model.flag("compile", ModelSettings.compile),
+        loras=_lora_folder(model),
         name=name,
         max_side=model.integer("max_side", ModelSettings.max_side, 0, ENGINE_MAX_SIDE),
         max_cost=model.integer("max_cost", ModelSettings.max_cost, 0, MAX_ID),
     )
+
+
+def _lora_folder(model: Section) -> str:
+    folder = model.text("loras", ModelSettings.loras)
+    if folder and not Path(folder).expanduser().is_dir():
+        raise ConfigError(f"{model.name}.loras: must be a folder of LoRA .safetensors files, not {show(folder)}")
+    return folder
 
 
 def _model_tables(data: Mapping[str, Any]) -> list[Section]:

@@ -33,6 +33,7 @@ from bot.render import File
 from bot.replies import BLOCKED, SORRY, UserError, database_trouble
 from bot.store import Generation, Kind, NewGeneration, Store
 from sdengine.jobs import Done, Failed, Job, JobCancelled, Loading, Queued, Started, Step
+from sdengine.loratags import parse_lora_tags, without_loras
 
 if TYPE_CHECKING:  # the executor modules load torch or Ray; the bot only holds one, made by the app
     from sdengine.executor import Executor
@@ -130,6 +131,13 @@ class GenerationService:
                 f"model {self.settings.model.label!r} and the picture will differ."
             )
         request = self.request_from_row(row, seed=seed)
+        gone = self.gone_loras(request)
+        if gone:
+            request = replace(request, prompt=without_loras(request.prompt, gone))
+            notes.append(
+                f"#{row.id} used LoRA {', '.join(gone)[:200]}, no longer here, so this runs without it and the "
+                "picture will differ."
+            )
         await self.run(request, output, kind="reroll", user=user, parent_id=row.id, notes=notes)
 
     async def vary(self, row: Generation, index: int, output: Output, user: discord.abc.User, pressed: Any) -> None:
@@ -188,6 +196,15 @@ class GenerationService:
         if row.model in self.models:
             return row.model
         return next((m.label for m in self.settings.all_models if m.path == row.model), None)
+
+    def gone_loras(self, request: sdengine.GenerationRequest) -> list[str]:
+        """The LoRA adapters a stored prompt names that its model no longer has."""
+        try:
+            loras = parse_lora_tags(request.prompt)[1]
+        except sdengine.InvalidRequest:  # a refused request's prompt: rerunning it is refused the same way
+            return []
+        info = self.models.get(request.model or self.settings.model.label)
+        return [name for name, _weight in loras if info is not None and name not in info.loras]
 
     def model_name(self, name: str | None) -> str:
         """A model a user asked for by name (None: the default), or the sentence that lists the ones there are."""

@@ -68,7 +68,13 @@ def load_models(settings: Settings) -> ModelPool:
 
 def model_spec(settings: Settings, model: ModelSettings) -> ModelSpec:
     return ModelSpec(
-        model.path, model.device, model.dtype, settings.safety.checker != "off", model.memory, model.compile
+        model.path,
+        model.device,
+        model.dtype,
+        settings.safety.checker != "off",
+        model.memory,
+        model.compile,
+        model.loras,
     )
 
 

@@ -93,6 +93,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     imagine.add_argument("--dtype", metavar="T", default="auto", help="auto, fp32, fp16 or bf16 (default: %(default)s)")
     imagine.add_argument(
+        "--loras",
+        metavar="FOLDER",
+        default="",
+        help="a folder of LoRA .safetensors files, used with <lora:NAME:WEIGHT> in the prompt (default: none)",
+    )
+    imagine.add_argument(
         "--memory",
         choices=("auto", "fast", "low"),
         default="auto",
@@ -247,7 +253,9 @@ def _imagine(args: argparse.Namespace) -> int:
     from .models import load_model
     from .pipeline import check_inputs, generate
 
-    model = load_model(args.model, device=args.device, dtype=args.dtype, memory=args.memory, compile=args.compile)
+    model = load_model(
+        args.model, device=args.device, dtype=args.dtype, memory=args.memory, compile=args.compile, loras=args.loras
+    )
     check_inputs(model, request)
 
     # 3. Generate, then write one PNG per image, and a grid for more than one.

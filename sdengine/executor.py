@@ -37,6 +37,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from PIL import Image
@@ -62,7 +63,7 @@ from .jobs import (
     Step,
 )
 from .models import Model
-from .pipeline import Plan, Sample, advance, decode, finish, predict_noise, prepare, preview
+from .pipeline import Plan, Sample, advance, call_key, decode, finish, predict_noise, prepare, preview
 from .pool import ModelPool
 from .request import GenerationRequest
 
@@ -407,9 +408,9 @@ class Executor:
         Calls hold at most `max_batch` images of one shape. A call that runs out of memory lowers `max_batch`
         and is retried in smaller calls; any other failed call is retried image by image to find the culprit.
         """
-        by_shape: dict[tuple[int, ...], list[Sample]] = {}
-        for s in samples:
-            by_shape.setdefault((*s.latents.shape, s.embeds.shape[1]), []).append(s)
+        by_shape: dict[tuple[Any, ...], list[Sample]] = {}
+        for s in samples:  # different LoRA adapters or weights never share a call
+            by_shape.setdefault(call_key(s), []).append(s)
         pending = deque(call for group in by_shape.values() for call in _chunks(group, self.max_batch))
         out: dict[int, torch.Tensor | Exception] = {}
         while pending:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import warnings
 
 import numpy as np
@@ -91,8 +92,10 @@ def format_parameters(
     height: int,
     model: str,
     strength: float | None,
+    lora_hashes: dict[str, str] | None = None,
 ) -> str:
-    """The A1111 `parameters` text that existing SD tools read."""
+    """The A1111 `parameters` text that existing SD tools read. The prompt keeps its `<lora:…>` tags, and
+    `lora_hashes` (adapter name -> first 12 hex digits of the file's sha256) become A1111's `Lora hashes`."""
     lines = [prompt]
     if negative:
         lines.append(f"Negative prompt: {negative}")
@@ -106,6 +109,10 @@ def format_parameters(
     ]
     if strength is not None:
         fields.append(f"Denoising strength: {strength:g}")
+    if lora_hashes:
+        # As A1111 writes it: names without `:` or `,`, and the value JSON-quoted since it holds `:`.
+        listed = ", ".join(f"{name.replace(':', '').replace(',', '')}: {h}" for name, h in lora_hashes.items())
+        fields.append(f"Lora hashes: {json.dumps(listed)}")
     lines.append(", ".join(fields))
     return "\n".join(lines)
 

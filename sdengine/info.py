@@ -6,10 +6,12 @@ process loads no model at all.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Protocol
 
 from .errors import InvalidRequest
+from .loratags import Loras, parse_lora_tags
 from .request import MAX_SIDE, GenerationRequest, check_request
 
 
@@ -38,6 +40,7 @@ class ModelSpec:
     safety_checker: bool = True
     memory: str = "auto"
     compile: bool = False
+    loras: str = ""  # a folder of LoRA .safetensors files; "" for none
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class ModelInfo:
     device: str = ""  # e.g. "cuda", for the logs
     dtype: str = ""  # e.g. "float16"
     kind: str = "sd1"  # sd1, sd2 or sdxl
+    loras: tuple[str, ...] = ()  # the names of its LoRA adapters
 
 
 def describe(model: _Described | ModelInfo) -> ModelInfo:
@@ -63,6 +67,7 @@ def describe(model: _Described | ModelInfo) -> ModelInfo:
         device=str(getattr(model, "device", "")),
         dtype=str(getattr(model, "dtype", "")).removeprefix("torch."),
         kind=str(getattr(model, "kind", "sd1")),
+        loras=tuple(sorted(getattr(model, "loras", {}))),
     )
 
 
@@ -70,6 +75,15 @@ def check_for_model(info: ModelInfo, request: GenerationRequest) -> None:
     """`pipeline.check_inputs` without torch: `check_request`, then the sizes this model's latent factor allows."""
     check_request(request)
     check_sides(info.latent_factor, request)
+    check_lora_names(info.loras, parse_lora_tags(request.prompt)[1])
+
+
+def check_lora_names(known: Collection[str], loras: Loras) -> None:
+    """Every adapter a request names must be one of the model's."""
+    for name, _weight in loras:
+        if name not in known:
+            listed = ", ".join(sorted(known)) or "none"
+            raise InvalidRequest(f"Unknown LoRA {name[:40]!r}: this model has {listed[:300]}.")
 
 
 def check_sides(factor: int, request: GenerationRequest) -> None:

@@ -59,8 +59,12 @@ class Model:
     pipeline_config: dict[str, Any] = field(default_factory=dict)
     memory: str = "fast"  # "fast" or "low", after "auto" is resolved; see MEMORY_MODES
     compiled: bool = False  # the UNet and the VAE decoder run through torch.compile (sdengine.compiling)
-    # (prompt, negative) -> prompts.PromptEmbeddings, most recent last: rerolls and variations repeat prompts
-    prompt_cache: OrderedDict[tuple[str, str], Any] = field(default_factory=OrderedDict, repr=False, compare=False)
+    # (prompt, negative, text-encoder LoRAs) -> prompts.PromptEmbeddings, most recent last: rerolls and variations
+    # repeat prompts
+    prompt_cache: OrderedDict[tuple[Any, ...], Any] = field(default_factory=OrderedDict, repr=False, compare=False)
+    # LoRA adapters by name (sdengine.lora), loaded once; and the (peft key, weight) pairs on now, per component
+    loras: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    active_loras: dict[str, tuple[tuple[str, float], ...]] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def text_encoders(self) -> list[torch.nn.Module]:
@@ -138,12 +142,14 @@ def load_model(
     safety_checker: bool = True,
     memory: str = "auto",
     compile: bool = False,
+    loras: str = "",
 ) -> Model:
     """Load a model from `tiny`, `tiny-xl`, a local diffusers folder, a single .safetensors file, or a hub id.
 
     With `safety_checker`, a folder's (or hub snapshot's) `safety_checker/` and `feature_extractor/` are loaded too,
-    when it has them; the built-in models and single files have none. `memory` is one of MEMORY_MODES. `compile`
-    runs the UNet and the VAE decoder through torch.compile, warmed up here rather than on a user's first request.
+    when it has them; the built-in models and single files have none. `memory` is one of MEMORY_MODES. `loras` is
+    a folder of LoRA .safetensors files, loaded as adapters (sdengine.lora). `compile` runs the UNet and the VAE
+    decoder through torch.compile, warmed up here rather than on a user's first request.
     """
     if memory not in MEMORY_MODES:
         raise ModelLoadError(f"Unknown memory mode {memory!r}: use auto, fast or low.")
@@ -176,6 +182,10 @@ def load_model(
             model.safety_checker = SafetyChecker.load(folder, torch_device, torch_dtype)
         except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
             raise ModelLoadError(f"The safety checker in {str(folder)!r} is damaged ({_first_line(exc)}).") from exc
+    if loras:
+        from .lora import load_adapters
+
+        load_adapters(model, loras)
     set_memory_mode(model, memory)
     log.info("loaded %s model %r on %s (%s), memory %s", model.kind, source, torch_device, torch_dtype, model.memory)
     if compile:

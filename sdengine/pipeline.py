@@ -27,7 +27,9 @@ from PIL import Image
 
 from .errors import Cancelled, InvalidRequest
 from .images import decode_image, fit_image, format_parameters, latents_preview, png_bytes
-from .info import check_sides
+from .info import check_lora_names, check_sides
+from .lora import activate_unet
+from .loratags import Loras, check_lora_weights, parse_lora_tags
 from .models import Model
 from .prompts import encode_prompt_pair
 from .request import (
@@ -76,6 +78,9 @@ def check_inputs(model: Model, request: GenerationRequest) -> None:
     if request.image is not None and not 0 < request.strength <= 1:
         raise InvalidRequest(f"Strength must be above 0 and at most 1, not {request.strength}.")
     check_sides(model.latent_factor, request)
+    loras = parse_lora_tags(request.prompt)[1]
+    check_lora_weights(loras)
+    check_lora_names(model.loras, loras)
 
 
 def _visible(text: str) -> bool:
@@ -96,6 +101,7 @@ class Sample:
     guidance: float
     # SDXL: `text_embeds` (R, P) and `time_ids` (R, 6), with the same R rows as `embeds`; None for SD 1.x/2.x
     added_cond: dict[str, torch.Tensor] | None = None
+    loras: Loras = ()  # the LoRA adapters on in its UNet calls, as (name, weight)
     step: int = 0
 
     @property
@@ -127,9 +133,10 @@ def prepare(model: Model, request: GenerationRequest) -> Plan:
     seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
     request = replace(request, seed=seed, width=width, height=height)
 
-    # 2. Encode the prompts: (2, T, D) as [negative, positive], and SDXL's added conditioning
+    # 2. Encode the prompts, without their LoRA tags: (2, T, D) as [negative, positive], and SDXL's added conditioning
+    text, loras = parse_lora_tags(request.prompt)
     with torch.inference_mode():
-        encoded = encode_prompt_pair(model, request.prompt, request.negative)
+        encoded = encode_prompt_pair(model, text, request.negative, loras)
         embeds, added_cond = encoded.embeds, _added_conditioning(model, encoded.pooled, width, height)
         if request.guidance <= 1:  # diffusers skips the unconditional pass at guidance <= 1
             embeds = embeds[1:]
@@ -154,7 +161,7 @@ def prepare(model: Model, request: GenerationRequest) -> Plan:
                 timesteps = _img2img_timesteps(scheduler, request.steps, request.strength)
                 latents = _noised_image_latents(model, scheduler, generator, posterior, timesteps[:1])
             samples.append(
-                Sample(seed + i, generator, scheduler, timesteps, latents, embeds, request.guidance, added_cond)
+                Sample(seed + i, generator, scheduler, timesteps, latents, embeds, request.guidance, added_cond, loras)
             )
     return Plan(request, samples, encoded.notices, {"prepare": time.perf_counter() - started})
 
@@ -258,14 +265,16 @@ def _step_kwargs(sample: Sample) -> dict[str, Any]:
 def predict_noise(model: Model, samples: list[Sample]) -> list[torch.Tensor]:
     """The guided noise prediction of every sample at its own current timestep. Changes no state.
 
-    Samples that share latent and prompt shapes share one UNet call; the rest get one call per shape.
+    Samples that share LoRA adapters (and weights), latent and prompt shapes share one UNet call; the rest get one
+    call per group.
     """
-    groups: dict[tuple[int, ...], list[int]] = {}
+    groups: dict[tuple[Any, ...], list[int]] = {}
     for i, sample in enumerate(samples):
-        groups.setdefault((*sample.latents.shape, sample.embeds.shape[1]), []).append(i)
+        groups.setdefault(call_key(sample), []).append(i)
     predictions: list[torch.Tensor] = [torch.empty(0)] * len(samples)
     for indices in groups.values():
         group = [samples[i] for i in indices]
+        activate_unet(model, group[0].loras)
         inputs, times = [], []
         for s in group:
             t = s.timesteps[s.step]
@@ -288,6 +297,11 @@ def predict_noise(model: Model, samples: list[Sample]) -> list[torch.Tensor]:
                 pred = uncond + s.guidance * (cond - uncond)
             predictions[i] = pred
     return predictions
+
+
+def call_key(sample: Sample) -> tuple[Any, ...]:
+    """Samples with equal keys may share a UNet call: the same adapters at the same weights, the same shapes."""
+    return (sample.loras, *sample.latents.shape, sample.embeds.shape[1])
 
 
 def _added_rows(group: list[Sample]) -> dict[str, torch.Tensor] | None:
@@ -357,6 +371,7 @@ def finish(model: Model, plan: Plan, images: list[Image.Image]) -> GenerationRes
             height=request.height,
             model=model.name,
             strength=request.strength if request.image is not None else None,
+            lora_hashes={name: model.loras[name].hash for name, _weight in plan.samples[0].loras},
         )
         pngs.append(png_bytes(image, parameters))
     checker = model.safety_checker

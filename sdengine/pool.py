@@ -33,6 +33,7 @@ def load_spec(spec: ModelSpec) -> Model:
         safety_checker=spec.safety_checker,
         memory=spec.memory,
         compile=spec.compile,
+        loras=spec.loras,
     )
 
 

@@ -21,6 +21,8 @@ import torch
 from transformers import CLIPTokenizer
 
 from .errors import InvalidRequest
+from .lora import activate_text, text_loras
+from .loratags import Loras
 from .models import Model
 
 PROMPT_CACHE_SIZE = 64  # (prompt, negative) pairs kept per model: a few MiB of embeddings for SD 1.5
@@ -50,18 +52,20 @@ def encode_prompts(model: Model, prompt: str, negative: str) -> tuple[torch.Tens
     return encoded.embeds, encoded.notices
 
 
-def encode_prompt_pair(model: Model, prompt: str, negative: str) -> PromptEmbeddings:
+def encode_prompt_pair(model: Model, prompt: str, negative: str, loras: Loras = ()) -> PromptEmbeddings:
     """Encode the negative and the positive prompt together, for any kind of model, through the model's cache of
     the last `PROMPT_CACHE_SIZE` pairs. The cached tensors are shared: callers slice and concatenate them, never
-    write into them.
+    write into them. `prompt` is the text without LoRA tags; `loras` are the adapters (known to the model) it runs
+    with, of which those that change a text encoder are on while it encodes, and part of the cache key.
 
     T is the encoder's window (77) for prompts that fit it and a multiple of it for longer ones.
     """
-    cache, key = model.prompt_cache, (prompt, negative)
+    cache, key = model.prompt_cache, (prompt, negative, text_loras(model, loras))
     hit: PromptEmbeddings | None = cache.get(key)
     if hit is not None:
         cache.move_to_end(key)
         return replace(hit, notices=list(hit.notices))
+    activate_text(model, loras)
     with _encoders_on_device(model):
         encoded = _encode(model, prompt, negative)
     cache[key] = replace(encoded, notices=list(encoded.notices))

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .errors import InvalidRequest
+from .loratags import check_lora_weights, parse_lora_tags
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -45,7 +46,9 @@ class GenerationRequest:
     which is reported in the result. `image` holds the raw bytes of an init image for image-to-image.
     `safety_check` runs the model's safety checker, if it has one, to fill `GenerationResult.nsfw`; it never
     changes the pixels. `model` names one of an executor's models (None: its default); `generate` is given its
-    model and does not read it.
+    model and does not read it. LoRA adapters are named in the prompt, as A1111's `<lora:name:weight>` tags
+    (sdengine.loratags): the stored prompt then carries them into rerolls and the infotext, and nothing can
+    disagree with it.
     """
 
     prompt: str
@@ -124,6 +127,7 @@ def check_request(request: GenerationRequest) -> None:
             raise InvalidRequest(f"The {name} has {len(text)} characters: keep it under {MAX_PROMPT_CHARS}.")
         if "\x00" in text:
             raise InvalidRequest(f"The {name} contains a NUL character: remove it.")
+    check_lora_weights(parse_lora_tags(request.prompt)[1])
     if request.scheduler not in SCHEDULERS:
         # Clipped: the name comes from the user and the sentence must stay short.
         raise InvalidRequest(f"Unknown scheduler {request.scheduler[:40]!r}: use one of {', '.join(SCHEDULERS)}.")

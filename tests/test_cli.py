@@ -155,6 +155,8 @@ BAD_INPUT = [
     (["info", "junk.png"], "junk.png has no generation parameters", 1, True),
     (["imagine", "x", *TINY, "--width", "63"], "The width must be a multiple of 2", 1, True),
     (["imagine", "x", "--model", "/no/such/folder"], "No model at", 1, True),
+    (["imagine", "x", *TINY, "--loras", "/no/such/folder"], "The LoRA folder '/no/such/folder' is not", 1, True),
+    (["imagine", "x <lora:y:5>"], "The weight of LoRA 'y' must be between -2 and 2, not 5.", 1, False),
 ]  # fmt: skip
 
 

@@ -137,6 +137,8 @@ def test_lower_max_steps_lowers_the_default_steps(tmp_path: Path) -> None:
         ("[model]\nmemory = 'tiny'", "model.memory", "one of auto, fast, low"),
         ("[model]\ncompile = 'yes'", "model.compile", "true or false"),
         ("[model]\npath = ''", "model.path", "non-empty"),
+        ("[model]\nloras = 5", "model.loras", "a string"),
+        ("[models.a]\npath = 'a'\nloras = '/no/such/folder'", "models.a.loras", "a folder of LoRA .safetensors"),
         ("[storage]\ndatabase = 5", "storage.database", "a string"),
         ("[discord]\nguild_ids = 123", "discord.guild_ids", "a list of Discord IDs"),
         ("[discord]\nowner_ids = ['123']", "discord.owner_ids", "a list of Discord IDs"),
@@ -283,3 +285,13 @@ def test_several_models_keep_their_order_and_default(tmp_path: Path) -> None:
     assert settings.executor.max_loaded == 1
     lone = load_settings(write(tmp_path, '[model]\npath = "tiny"'))
     assert [m.label for m in lone.all_models] == ["tiny"]  # a lone [model] is named by its path, as rows were
+
+
+def test_lora_folders_reach_the_model_specs(tmp_path: Path) -> None:
+    from bot.preflight import model_spec
+
+    (tmp_path / "loras").mkdir()
+    settings = load_settings(
+        write(tmp_path, f"[models.a]\npath = 'tiny'\nloras = '{tmp_path / 'loras'}'\n[models.b]\npath = 'tiny'\n")
+    )
+    assert [model_spec(settings, m).loras for m in settings.all_models] == [str(tmp_path / "loras"), ""]

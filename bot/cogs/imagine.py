@@ -39,6 +39,7 @@ class Imagine(commands.Cog):
         image="Start from this image instead of noise",
         strength="With an image: how far to move away from it (1 = ignore it)",
         model="The model to draw with (/models lists them)",
+        lora="A LoRA adapter, as name or name:weight; the same as <lora:name:weight> in the prompt",
     )
     @app_commands.choices(
         scheduler=[app_commands.Choice(name=label, value=key) for key, label in SCHEDULER_LABELS.items()],
@@ -58,6 +59,7 @@ class Imagine(commands.Cog):
         image: discord.Attachment | None = None,
         strength: app_commands.Range[float, 0.05, 1.0] | None = None,
         model: str | None = None,
+        lora: str | None = None,
     ) -> None:
         await interaction.response.defer()
         bot = self.bot
@@ -74,6 +76,8 @@ class Imagine(commands.Cog):
             width, height = render.aspect_size(size, info.native_size, 8 * info.latent_factor, max_side)
         elif size is not None:  # Discord offers only the choices, but a stale or forged payload can carry anything
             problem = f"Unknown size {size[:40]!r}: use one of {', '.join(render.ASPECTS)}."
+        if lora:  # stored and shown as A1111 writes it, so rerolls and the infotext carry it like a typed tag
+            prompt = f"{prompt} <lora:{lora}>"
         request = sdengine.GenerationRequest(
             prompt,
             negative=defaults.negative if negative is None else negative,
@@ -104,6 +108,16 @@ class Imagine(commands.Cog):
             for name, label in model_labels(self.bot)
             if typed in name.casefold()
         ][:25]
+
+    @imagine.autocomplete("lora")
+    async def lora_autocomplete(self, interaction: Interaction, current: str) -> list[app_commands.Choice[str]]:
+        """The adapters of the model picked so far (the default until one is), filtered by what is typed."""
+        info = self.bot.models.get(getattr(interaction.namespace, "model", None) or self.bot.settings.model.label)
+        typed = current.split(":")[0].strip().casefold()
+        names = info.loras if info is not None else ()
+        return [app_commands.Choice(name=name[:100], value=name[:100]) for name in names if typed in name.casefold()][
+            :25
+        ]
 
     async def cog_app_command_error(self, interaction: Interaction, error: app_commands.AppCommandError) -> None:
         # Discord enforces choices and ranges, but a client with a stale copy of the command can still send
