@@ -12,7 +12,7 @@ import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -22,6 +22,9 @@ from .errors import ModelLoadError
 from .request import DEFAULT_MODEL
 from .safety import SafetyChecker
 from .tiny import build_components
+
+if TYPE_CHECKING:
+    from .lora import Adapter
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +66,7 @@ class Model:
     # repeat prompts
     prompt_cache: OrderedDict[tuple[Any, ...], Any] = field(default_factory=OrderedDict, repr=False, compare=False)
     # LoRA adapters by name (sdengine.lora), loaded once; and the (peft key, weight) pairs on now, per component
-    loras: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    loras: dict[str, Adapter] = field(default_factory=dict, repr=False, compare=False)
     active_loras: dict[str, tuple[tuple[str, float], ...]] = field(default_factory=dict, repr=False, compare=False)
 
     @property

@@ -263,7 +263,8 @@ def _step_kwargs(sample: Sample) -> dict[str, Any]:
 
 @torch.inference_mode()
 def predict_noise(model: Model, samples: list[Sample]) -> list[torch.Tensor]:
-    """The guided noise prediction of every sample at its own current timestep. Changes no state.
+    """The guided noise prediction of every sample at its own current timestep. Changes no sample; turns on each
+    group's LoRA adapters in the UNet for its call.
 
     Samples that share LoRA adapters (and weights), latent and prompt shapes share one UNet call; the rest get one
     call per group.
