@@ -13,19 +13,18 @@ import time
 
 from .errors import ModelLoadError
 from .models import Model
+from .pipeline import generate
 from .request import GenerationRequest
 
 log = logging.getLogger(__name__)
 
-WARM_UP_STEPS = 2  # a multistep scheduler (DPM++ 2M) uses its second-order update from the second step
+WARM_UP_STEPS = 2  # the timestep is a tensor input, so more steps would compile nothing more
 
 
 def compile_model(model: Model, backend: str = "inductor") -> None:
     """Compile the UNet and the VAE decoder in place, then generate once so that the compiler runs now.
 
     `backend="eager"` traces with dynamo but generates no code: a quick run of the same path, for smoke tests."""
-    from .pipeline import generate  # the pipeline imports the models module, which imports this one lazily
-
     size = model.native_size
     log.info(
         "compiling the UNet and the VAE decoder of %r on %s; warm-up generation (%dx%d, %d steps) follows",

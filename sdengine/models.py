@@ -192,7 +192,7 @@ def load_model(
     set_memory_mode(model, memory)
     log.info("loaded %s model %r on %s (%s), memory %s", model.kind, source, torch_device, torch_dtype, model.memory)
     if compile:
-        from .compiling import compile_model  # it generates, and the pipeline imports this module
+        from .compiling import compile_model  # imports the pipeline, which imports this module
 
         compile_model(model)
     return model
