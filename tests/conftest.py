@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from sdengine import Model, load_model, save_model
 from sdengine.models import pick_device
 from sdengine.tiny import build_components
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One thread per test process under pytest-xdist: two workers on two cores, neither fighting the other.
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

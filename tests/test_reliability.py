@@ -144,7 +144,7 @@ async def test_sigkill_at_random_moments_loses_no_request(server: FakeDiscord, t
     fake = server
     config = bot_config(tmp_path, fake, max_pending_per_user=50, max_queue=200)
     run = KillRun(fake, tmp_path / "sdbot.sqlite3", random.Random(SEED))
-    moments = ["burst", "upload", "running", "random"] * 2  # 8 kills, each moment twice
+    moments = ["burst", "upload", "running", "random", "running", "random"]  # 6 kills, mid-job ones twice
     run.rng.shuffle(moments)
     known_rows: set[int] = set()
 
