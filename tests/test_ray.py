@@ -47,6 +47,11 @@ from tests.fakediscord import run_client
 
 ray = pytest.importorskip("ray")
 
+# Ray starts its workers at niceness 15, so that its own daemons stay responsive. On a CI machine shared with other
+# work, that lets any busy process at the normal priority starve the workers for minutes (a worker restart under two
+# busy loops took over 3 minutes): the clusters these tests start run their workers at the normal priority.
+os.environ["RAY_worker_niceness"] = "0"  # noqa: SIM112  (Ray reads this exact name)
+
 from sdengine.ray_cluster import Cluster, start_cluster  # noqa: E402  (needs ray)
 from sdengine.ray_executor import RayExecutor  # noqa: E402
 from sdengine.ray_worker import ModelSpec  # noqa: E402
