@@ -65,6 +65,7 @@ class ModelPool:
         self.max_loaded = max_loaded
         self._entries: dict[str, _Entry] = {}
         self._recent: OrderedDict[str, None] = OrderedDict()  # on the device, least recently used first
+        self._loaded: tuple[str, ...] = ()  # a copy of _recent for other threads: stats() reads it mid-switch
         self._device = torch.device("cpu")  # set by the first model
 
     @classmethod
@@ -74,6 +75,7 @@ class ModelPool:
         pool = cls(name)
         pool._entries[name] = _Entry(None, model, describe(model))
         pool._recent[name] = None
+        pool._loaded = (name,)
         pool._device = model.device
         return pool
 
@@ -89,6 +91,7 @@ class ModelPool:
                 raise PoolLoadError(name, specs[name].path, err) from err
             pool._entries[name] = _Entry(specs[name], model, describe(model))
             pool._recent[name] = None
+            pool._loaded = tuple(pool._recent)
             pool._device = model.device
             pool._make_room(keep={name})
         pool._entries = {name: pool._entries[name] for name in specs}  # listed in the config's order
@@ -110,7 +113,7 @@ class ModelPool:
     @property
     def loaded(self) -> list[str]:
         """The models on the device, least recently used first."""
-        return list(self._recent)
+        return list(self._loaded)
 
     def resolve(self, name: str | None) -> str:
         """The model a request names (None: the default), or `InvalidRequest`."""
@@ -144,6 +147,7 @@ class ModelPool:
             log.info("model %r is on %s again after %.1f s", name, entry.model.device, time.monotonic() - started)
         self._recent[name] = None
         self._recent.move_to_end(name)
+        self._loaded = tuple(self._recent)
         assert entry.model is not None
         return entry.model
 
@@ -171,6 +175,7 @@ class ModelPool:
         del model
         entry.on_device = False
         del self._recent[name]
+        self._loaded = tuple(self._recent)
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
