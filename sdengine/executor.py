@@ -43,6 +43,7 @@ import torch
 from PIL import Image
 
 from .errors import OutOfMemory, SDEngineError
+from .hires import upscale
 from .jobs import (
     BatchLimit,
     Done,
@@ -63,9 +64,10 @@ from .jobs import (
     Step,
 )
 from .models import Model
-from .pipeline import Plan, Sample, advance, call_key, decode, finish, predict_noise, prepare, preview
+from .pipeline import advance, call_key, finish, predict_noise, prepare, preview
 from .pool import ModelPool
 from .request import GenerationRequest
+from .sampling import Plan, Sample, decode
 
 __all__ = [
     "MAX_CRASHES",
@@ -449,14 +451,14 @@ class Executor:
             self._remove(running)
             self._fail(running.job, exc)
             return
-        sample = running.samples[0]
-        show = sample.step % self.config.preview_every == 0 or sample.done
+        step, total = running.plan.progress()
+        show = step % self.config.preview_every == 0 or step == total
         # Outside the try: the preview copies to the host, where CUDA reports errors of earlier kernels, which
         # concern the device rather than this job; the supervisor in `_work` handles them.
-        running.job._emit(Step(sample.step, sample.total, preview(sample) if show else None))
+        running.job._emit(Step(step, total, preview(running.samples[0]) if show else None))
 
     def _finish_done(self) -> None:
-        done = [r for r in self._running if r.samples[0].done]
+        done = [r for r in self._running if r.samples[0].done and not self._upscaled(r)]
         if not done:
             return
         for r in done:
@@ -472,6 +474,18 @@ class Executor:
                     continue
                 r.plan.timings["denoise+decode"] = time.monotonic() - r.started_at
                 self._finisher.submit(self._finish, r, images)
+
+    def _upscaled(self, r: _Running) -> bool:
+        """Start the hires pass of a job whose first pass is done: True while it has steps to run, and also when
+        the upscale failed the job."""
+        if not r.plan.hires_steps:
+            return False
+        try:
+            upscale(r.model, r.plan)
+        except Exception as exc:
+            self._remove(r)
+            self._fail(r.job, exc)
+        return True
 
     def _finish(self, r: _Running, images: list[Image.Image]) -> None:
         """On the finisher pool: PNGs with their parameters, the safety check, then Done (after the job's last Step,

@@ -93,9 +93,12 @@ def format_parameters(
     model: str,
     strength: float | None,
     lora_hashes: dict[str, str] | None = None,
+    hires: tuple[float, int | None, str] | None = None,
 ) -> str:
     """The A1111 `parameters` text that existing SD tools read. The prompt keeps its `<lora:…>` tags, and
-    `lora_hashes` (adapter name -> first 12 hex digits of the file's sha256) become A1111's `Lora hashes`."""
+    `lora_hashes` (adapter name -> first 12 hex digits of the file's sha256) become A1111's `Lora hashes`. `hires`
+    is a hires fix's (scale, steps or None for the first pass's, upscaler name); `Size` stays the first pass's, as
+    A1111 writes it."""
     lines = [prompt]
     if negative:
         lines.append(f"Negative prompt: {negative}")
@@ -109,6 +112,12 @@ def format_parameters(
     ]
     if strength is not None:
         fields.append(f"Denoising strength: {strength:g}")
+    if hires is not None:
+        scale, hires_steps, upscaler = hires
+        fields.append(f"Hires upscale: {scale:g}")
+        if hires_steps is not None:  # A1111 leaves it out when it is the first pass's
+            fields.append(f"Hires steps: {hires_steps}")
+        fields.append(f"Hires upscaler: {upscaler}")
     if lora_hashes:
         # As A1111 writes it: names without `:` or `,`, and the value JSON-quoted since it holds `:`.
         listed = ", ".join(f"{name.replace(':', '').replace(',', '')}: {h}" for name, h in lora_hashes.items())

@@ -12,7 +12,7 @@ from typing import Protocol
 
 from .errors import InvalidRequest
 from .loratags import Loras, parse_lora_tags
-from .request import MAX_SIDE, GenerationRequest, check_request
+from .request import MAX_SIDE, GenerationRequest, check_request, hires_size
 
 
 class _Described(Protocol):
@@ -75,6 +75,8 @@ def check_for_model(info: ModelInfo, request: GenerationRequest) -> None:
     """`pipeline.check_inputs` without torch: `check_request`, then the sizes this model's latent factor allows."""
     check_request(request)
     check_sides(info.latent_factor, request)
+    # An init image's size follows the image when not given; `pipeline.prepare` checks it again once known.
+    check_hires_size(info.latent_factor, request.width or info.native_size, request.height or info.native_size, request)
     check_lora_names(info.loras, parse_lora_tags(request.prompt)[1])
 
 
@@ -96,3 +98,15 @@ def check_sides(factor: int, request: GenerationRequest) -> None:
             raise InvalidRequest(f"The {name} must be between {low} and {MAX_SIDE} pixels, not {side}.")
         if side % factor:
             raise InvalidRequest(f"The {name} must be a multiple of {factor} for this model, not {side}.")
+
+
+def check_hires_size(factor: int, width: int, height: int, request: GenerationRequest) -> None:
+    """A hires pass from `width` x `height` must stay within MAX_SIDE."""
+    if request.hires_scale is None:
+        return
+    big_width, big_height = hires_size(width, height, request.hires_scale, factor)
+    if max(big_width, big_height) > MAX_SIDE:
+        raise InvalidRequest(
+            f"Hires {request.hires_scale:g}x of {width}x{height} makes {big_width}x{big_height}, over {MAX_SIDE} "
+            "pixels a side: lower the size or the hires scale."
+        )

@@ -36,6 +36,9 @@ MAX_SIDE = 2048
 MAX_STEPS = 150
 MAX_GUIDANCE = 30.0
 MAX_COUNT = 4
+# A1111's hires fix: the upscalers it offers that need no extra weights, by the names its infotext uses.
+HIRES_UPSCALERS = {"latent": "Latent", "lanczos": "Lanczos"}
+MAX_HIRES_SCALE = 4.0
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,12 @@ class GenerationRequest:
     strength: float = 0.75
     safety_check: bool = True
     model: str | None = None
+    # A1111's hires fix (sdengine.hires): `hires_scale` (None: off) times the size, then an image-to-image pass of
+    # `hires_steps` (None: `steps`) at `hires_strength`, from latents upscaled by `hires_upscaler`.
+    hires_scale: float | None = None
+    hires_strength: float = 0.5
+    hires_steps: int | None = None
+    hires_upscaler: str = "latent"
 
 
 @dataclass(frozen=True)
@@ -147,10 +156,43 @@ def check_request(request: GenerationRequest) -> None:
             )
     if request.image is not None and not 0 < request.strength <= 1:
         raise InvalidRequest(f"Strength must be above 0 and at most 1, not {request.strength}.")
+    if request.hires_scale is not None:
+        _check_hires(request)
     for name, side in (("width", request.width), ("height", request.height)):
         # The lower bound and the multiple depend on the model's latent scale factor: check_inputs checks them.
         if side is not None and not 0 < side <= MAX_SIDE:
             raise InvalidRequest(f"The {name} must be a positive number of pixels up to {MAX_SIDE}, not {side}.")
+
+
+def _check_hires(request: GenerationRequest) -> None:
+    if not 1 < request.hires_scale <= MAX_HIRES_SCALE:  # type: ignore[operator]  # also rejects NaN
+        raise InvalidRequest(
+            f"The hires scale must be above 1 and at most {MAX_HIRES_SCALE:g}, not {request.hires_scale}."
+        )
+    if not 0 < request.hires_strength <= 1:
+        raise InvalidRequest(f"The hires strength must be above 0 and at most 1, not {request.hires_strength}.")
+    if request.hires_steps is not None and not 1 <= request.hires_steps <= MAX_STEPS:
+        raise InvalidRequest(f"Hires steps must be between 1 and {MAX_STEPS}, not {request.hires_steps}.")
+    if request.hires_upscaler not in HIRES_UPSCALERS:
+        raise InvalidRequest(
+            f"Unknown hires upscaler {request.hires_upscaler[:40]!r}: use one of {', '.join(HIRES_UPSCALERS)}."
+        )
+    if hires_steps_run(request) == 0:
+        raise InvalidRequest(
+            f"Hires strength {request.hires_strength:g} leaves no steps out of {request.hires_steps or request.steps}: "
+            "raise the hires strength or the hires steps."
+        )
+
+
+def hires_size(width: int, height: int, scale: float, factor: int) -> tuple[int, int]:
+    """The size a hires pass draws at, as A1111 computes it: each side times `scale`, down to whole latent cells."""
+    return int(width * scale) // factor * factor, int(height * scale) // factor * factor
+
+
+def hires_steps_run(request: GenerationRequest) -> int:
+    """The steps the hires pass runs: image-to-image skips the first (1 - strength) of its `hires_steps`."""
+    steps = request.hires_steps or request.steps
+    return min(int(steps * request.hires_strength), steps)
 
 
 def _visible(text: str) -> bool:
