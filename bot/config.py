@@ -27,6 +27,8 @@ ENGINE_MAX_SIDE = 2048
 ENGINE_MAX_COUNT = 4
 ENGINE_MAX_GUIDANCE = 30.0
 ENGINE_MAX_PROMPT_CHARS = 2000
+HIRES_UPSCALERS = ("latent", "lanczos")
+ENGINE_MAX_HIRES_SCALE = 4.0
 
 SECTIONS = ("discord", "model", "models", "storage", "defaults", "limits", "safety", "executor")
 DTYPES = ("auto", "fp32", "fp16", "bf16")
@@ -86,6 +88,9 @@ class DefaultSettings:
     scheduler: str = "dpmpp_2m"
     negative: str = ""
     strength: float = 0.75  # for variations: how far to move away from the init image
+    hires_strength: float = 0.5  # the hires fix's image-to-image pass (A1111's default)
+    hires_upscaler: str = "latent"
+    upscale: float = 2.0  # the hires scale of the Upscale buttons
 
 
 @dataclass(frozen=True)
@@ -231,6 +236,9 @@ def parse_settings(data: Mapping[str, Any]) -> Settings:
             scheduler=defaults.choice("scheduler", DefaultSettings.scheduler, SCHEDULERS),
             negative=defaults.text("negative", DefaultSettings.negative, max_chars=ENGINE_MAX_PROMPT_CHARS),
             strength=defaults.number("strength", DefaultSettings.strength, 0.0, 1.0, low_open=True),
+            hires_strength=defaults.number("hires_strength", DefaultSettings.hires_strength, 0.0, 1.0, low_open=True),
+            hires_upscaler=defaults.choice("hires_upscaler", DefaultSettings.hires_upscaler, HIRES_UPSCALERS),
+            upscale=defaults.number("upscale", DefaultSettings.upscale, 1.0, ENGINE_MAX_HIRES_SCALE, low_open=True),
         ),
         limits=limit_settings,
         safety=SafetySettings(checker=safety.choice("checker", SafetySettings.checker, CHECKERS)),

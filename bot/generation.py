@@ -125,6 +125,31 @@ class GenerationService:
             raise UserError(f"#{row.id} has no stored seed to reproduce: give one with the seed option.")
         else:
             seed, notes = row.seed, [f"Exact reproduction of #{row.id} with its stored seed."]
+        request, changes = self._stored_request(row, seed)
+        await self.run(request, output, kind="reroll", user=user, parent_id=row.id, notes=[*notes, *changes])
+
+    async def upscale(self, row: Generation, index: int, output: Output, user: discord.abc.User) -> None:
+        """Image `index` of a result drawn again from its stored seed and parameters, through the hires fix at
+        `[defaults] upscale`: a new result, whose row is a `reroll` of one image with the hires columns set. The
+        caller has checked that `user` may (`access.may_rerun`)."""
+        if index >= row.count:
+            raise UserError(f"#{row.id} has no image {index + 1}.")
+        request, changes = self._stored_request(row, _image_seed(row, index))
+        defaults = self.settings.defaults
+        request = replace(
+            request,
+            count=1,
+            hires_scale=defaults.upscale,
+            hires_strength=defaults.hires_strength,
+            hires_upscaler=defaults.hires_upscaler,
+        )
+        notes = [f"Image {index + 1} of #{row.id}, upscaled {defaults.upscale:g}x.", *changes]
+        await self.run(request, output, kind="reroll", user=user, parent_id=row.id, notes=notes)
+
+    def _stored_request(self, row: Generation, seed: int) -> tuple[sdengine.GenerationRequest, list[str]]:
+        """The request that made `row`, with `seed`, and a sentence for each part of it that is gone (its model,
+        a LoRA adapter), which the run goes without."""
+        notes = []
         if self.stored_model(row) is None:
             notes.append(
                 f"#{row.id} was made with model {row.model!r}, which is no longer here, so this uses the default "
@@ -138,7 +163,7 @@ class GenerationService:
                 f"#{row.id} used LoRA {', '.join(gone)[:200]}, no longer here, so this runs without it and the "
                 "picture will differ."
             )
-        await self.run(request, output, kind="reroll", user=user, parent_id=row.id, notes=notes)
+        return request, notes
 
     async def vary(self, row: Generation, index: int, output: Output, user: discord.abc.User, pressed: Any) -> None:
         """Variations of image `index` of a result: its attachment on the pressed message, or redrawn from its seed.
@@ -148,7 +173,7 @@ class GenerationService:
         request = self.variation_request(row.prompt, row)
         source: ImageSource | Redraw | None = attachment
         if attachment is None:  # left out for size, or the message lost it: draw it again from the stored seed
-            seed = row.seeds[index] if index < len(row.seeds) else (row.seed or 0) + index
+            seed = _image_seed(row, index)
             # Never shown, only fed to the variation (which is checked itself): no need for the safety checker.
             source = Redraw(replace(self.request_from_row(row, seed=seed), count=1, safety_check=False))
         await self.run(request, output, kind="variation", user=user, image=source, parent_id=row.id)
@@ -233,6 +258,10 @@ class GenerationService:
             image=row.init_image,
             strength=row.strength if row.strength is not None else self.settings.defaults.strength,
             model=self.stored_model(row) or self.settings.model.label,
+            hires_scale=row.hires_scale,
+            hires_strength=row.hires_strength or self.settings.defaults.hires_strength,
+            hires_steps=row.hires_steps,
+            hires_upscaler=row.hires_upscaler or self.settings.defaults.hires_upscaler,
         )
 
     def variation_request(self, prompt: str, source: Generation | None) -> sdengine.GenerationRequest:
@@ -320,6 +349,10 @@ class GenerationService:
                     model=request.model or self.settings.model.label,
                     init_image=request.image,
                     parent_id=parent_id,
+                    hires_scale=request.hires_scale,
+                    hires_strength=request.hires_strength if request.hires_scale is not None else None,
+                    hires_steps=None if request.hires_steps is None else _int64(request.hires_steps),
+                    hires_upscaler=request.hires_upscaler if request.hires_scale is not None else None,
                 )
             )
         except sqlite3.Error as exc:
@@ -477,6 +510,12 @@ class GenerationService:
         kept, dropped = render.fit_files([*images, *grid], output.filesize_limit)
         kept.sort(key=lambda file: file not in grid)
         notes = [*notes, *result.notices, *safety_notes]
+        width, height = result.width, result.height
+        if request.hires_scale is not None:  # the row keeps the first pass's size, which a reroll asks for again
+            native = self.models[request.model or self.settings.model.label].native_size
+            width, height = request.width or native, request.height or native
+            upscaler = sdengine.HIRES_UPSCALERS[request.hires_upscaler]
+            notes.append(f"Hires fix {request.hires_scale:g}x from {width}x{height} ({upscaler}).")
         if dropped:
             notes.append(
                 f"{len(dropped)} of the files did not fit Discord's upload limit and were left out: "
@@ -492,7 +531,8 @@ class GenerationService:
             scheduler=result.scheduler,
             notes=notes,
         )
-        message = await output.show(content, kept, result_view(gen_id, len(result.pngs)), final=True)
+        view = result_view(gen_id, len(result.pngs), upscaled=request.hires_scale is not None)
+        message = await output.show(content, kept, view, final=True)
         if message is None:  # nowhere to show it: the row must not claim it was delivered
             reason = f"The picture was made but could not be posted: /reroll {gen_id} draws it again."
             await self._save(gen_id, lambda: self.store.mark_failed(gen_id, reason))
@@ -502,8 +542,8 @@ class GenerationService:
             lambda: self.store.mark_done(
                 gen_id,
                 seeds=result.seeds,
-                width=result.width,
-                height=result.height,
+                width=width,
+                height=height,
                 timings=result.timings,
                 notices=[*result.notices, *safety_notes],
                 message_id=message.id,
@@ -544,6 +584,11 @@ class GenerationService:
 
 def _grid_png(images: Sequence[Image.Image]) -> bytes:
     return render.png(render.grid(images))
+
+
+def _image_seed(row: Generation, index: int) -> int:
+    """The seed of image `index` of `row`: image i of a request uses seed + i."""
+    return row.seeds[index] if index < len(row.seeds) else (row.seed or 0) + index
 
 
 def _int64(number: int) -> int:

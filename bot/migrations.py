@@ -102,6 +102,14 @@ MIGRATIONS: list[str] = [
     ALTER TABLE generations ADD COLUMN image_pruned INTEGER NOT NULL DEFAULT 0;
     CREATE INDEX generations_images ON generations (created_at) WHERE init_image IS NOT NULL;
     """,
+    # 5: the hires fix. NULL `hires_scale`: none. An Upscale button's row is a `reroll` of one image with these set
+    # (kind's CHECK cannot grow without rebuilding the table).
+    """
+    ALTER TABLE generations ADD COLUMN hires_scale REAL;
+    ALTER TABLE generations ADD COLUMN hires_strength REAL;
+    ALTER TABLE generations ADD COLUMN hires_steps INTEGER;     -- NULL: the first pass's steps
+    ALTER TABLE generations ADD COLUMN hires_upscaler TEXT;
+    """,
 ]
 
 

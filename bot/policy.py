@@ -70,15 +70,39 @@ class Policy:
         for name, side in (("width", request.width), ("height", request.height)):
             if side is not None and side > max_side:
                 return f"The {name} can be at most {max_side} pixels here, not {side}."
+        return self._work_problem(request, model, max_side, max_cost) or self.cooldown(user_id)
+
+    def _work_problem(
+        self, request: sdengine.GenerationRequest, model: sdengine.ModelInfo, max_side: int, max_cost: int
+    ) -> str | None:
+        """Why `request` is too much work here (pixels times steps of every image and pass), or None."""
         width = request.width or model.native_size
         height = request.height or model.native_size
-        if width * height * request.steps * request.count > max_cost:
-            images = "1 image" if request.count == 1 else f"{request.count} images"
+        work = width * height * request.steps
+        images = "1 image" if request.count == 1 else f"{request.count} images"
+        if request.hires_scale is None:
+            if work * request.count > max_cost:
+                return (
+                    f"{images} of {width}x{height} at {request.steps} steps is more work than allowed here: "
+                    "lower the steps, the size or the count."
+                )
+            return None
+        # The hires fix: its output size within max_side, and both of its passes within max_cost.
+        scale = request.hires_scale
+        big_width, big_height = sdengine.hires_size(width, height, scale, model.latent_factor)
+        if max(big_width, big_height) > max_side:
             return (
-                f"{images} of {width}x{height} at {request.steps} steps is more work than allowed here: "
-                "lower the steps, the size or the count."
+                f"Hires {scale:g}x of {width}x{height} makes {big_width}x{big_height}, over the {max_side} pixels a "
+                "side allowed here: lower the size or the hires scale."
             )
-        return self.cooldown(user_id)
+        work += big_width * big_height * sdengine.hires_steps_run(request)
+        if work * request.count > max_cost:
+            return (
+                f"{images} of {width}x{height} at {request.steps} steps, with hires {scale:g}x to "
+                f"{big_width}x{big_height}, is more work than allowed here: lower the steps, the size, the count "
+                "or the hires scale."
+            )
+        return None
 
     def image_size(self, width: int, height: int, model: str | None) -> tuple[int, int]:
         """The size to draw an init image's variation at: its aspect ratio at about the model's native area, in

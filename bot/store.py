@@ -76,6 +76,10 @@ class NewGeneration:
     seed: int | None = None
     init_image: bytes | None = field(default=None, repr=False)
     parent_id: int | None = None
+    hires_scale: float | None = None  # the hires fix; None: none
+    hires_strength: float | None = None
+    hires_steps: int | None = None  # None: the first pass's steps
+    hires_upscaler: str | None = None
 
 
 @dataclass(frozen=True)
@@ -113,6 +117,10 @@ class Generation:
     attempts: int = 1
     source_id: int | None = None
     image_pruned: bool = False
+    hires_scale: float | None = None
+    hires_strength: float | None = None
+    hires_steps: int | None = None
+    hires_upscaler: str | None = None
 
     @property
     def finished(self) -> bool:

@@ -18,6 +18,7 @@ from .errors import Cancelled, InvalidRequest, ModelLoadError, OutOfMemory, SDEn
 from .info import ModelInfo, check_for_model, describe
 from .request import (
     DEFAULT_MODEL,
+    HIRES_UPSCALERS,
     MAX_SEED,
     SCHEDULER_LABELS,
     SCHEDULERS,
@@ -26,6 +27,8 @@ from .request import (
     GenerationResult,
     Progress,
     check_request,
+    hires_size,
+    hires_steps_run,
     random_seed,
 )
 
@@ -65,6 +68,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "DEFAULT_MODEL",
+    "HIRES_UPSCALERS",
     "MAX_SEED",
     "SCHEDULERS",
     "SCHEDULER_LABELS",
@@ -86,6 +90,8 @@ __all__ = [
     "decode_image",
     "describe",
     "generate",
+    "hires_size",
+    "hires_steps_run",
     "image_grid",
     "load_model",
     "random_seed",

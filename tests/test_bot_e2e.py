@@ -69,7 +69,9 @@ async def test_imagine_defers_at_once_and_posts_a_png_with_its_parameters(
         assert params["prompt"] == "a red fox" and params["Seed"] == "1234" and params["Steps"] == "4"
         assert params["Sampler"] == "DDIM" and params["Size"] == "64x96"  # tiny: native 64, sides in 16s
         assert f"#{gen_id}" in result.content and "seed 1234" in result.content
-        assert custom_ids(result) == [f"gen:{gen_id}:vary:0", f"gen:{gen_id}:reroll", f"gen:{gen_id}:delete"]
+        assert custom_ids(result) == [
+            f"gen:{gen_id}:{action}" for action in ("vary:0", "upscale:0", "reroll", "delete")
+        ]
         assert result.edits >= 2  # progress, then the result in the same message
 
         row = await harness.wait_row(gen_id, lambda r: r.status == "done")

@@ -14,6 +14,7 @@ import sdengine
 from bot import config
 from bot.config import SCHEDULERS, ConfigError, Settings, load_settings
 from sdengine import pipeline
+from sdengine.request import MAX_HIRES_SCALE
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.toml"
 
@@ -130,6 +131,9 @@ def test_lower_max_steps_lowers_the_default_steps(tmp_path: Path) -> None:
         ("[defaults]\nscheduler = 'heun'", "defaults.scheduler", "one of " + ", ".join(SCHEDULERS)),
         ("[defaults]\nguidance = '7.5'", "defaults.guidance", "a number from 0 to 30, not '7.5'"),
         ("[defaults]\nstrength = 0", "defaults.strength", "above 0 and at most 1"),
+        ("[defaults]\nhires_strength = 1.5", "defaults.hires_strength", "above 0 and at most 1, not 1.5"),
+        ("[defaults]\nhires_upscaler = 'esrgan'", "defaults.hires_upscaler", "one of latent, lanczos"),
+        ("[defaults]\nupscale = 1", "defaults.upscale", "above 1 and at most 4, not 1"),
         ("[defaults]\nsteps = 60", "defaults.steps", "at most limits.max_steps (50), not 60"),
         ("[defaults]\nnegative = 3", "defaults.negative", "a string"),
         ("[model]\ndevice = 'gpu'", "model.device", "cuda:N"),
@@ -260,6 +264,8 @@ def test_engine_limits_match_sdengine() -> None:
     assert config.ENGINE_MAX_COUNT == pipeline.MAX_COUNT
     assert config.ENGINE_MAX_GUIDANCE == pipeline.MAX_GUIDANCE
     assert config.ENGINE_MAX_PROMPT_CHARS == pipeline.MAX_PROMPT_CHARS
+    assert tuple(sdengine.HIRES_UPSCALERS) == config.HIRES_UPSCALERS
+    assert config.ENGINE_MAX_HIRES_SCALE == MAX_HIRES_SCALE
 
 
 def test_several_models_keep_their_order_and_default(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from bot.app import SDBot
 from bot.cogs.models import model_labels
 from bot.output import Output
 from bot.replies import Interaction, UserError, tell
-from sdengine.request import MAX_SEED, SCHEDULER_LABELS
+from sdengine.request import HIRES_UPSCALERS, MAX_SEED, SCHEDULER_LABELS
 
 SIZE_NAMES = {
     "square": "square (1:1)",
@@ -20,6 +20,8 @@ SIZE_NAMES = {
     "landscape": "landscape (3:2)",
     "wide": "wide (16:9)",
 }
+
+HIRES_SCALES = (1.5, 2.0)  # A1111's usual choices; the engine takes any scale above 1 up to 4
 
 
 class Imagine(commands.Cog):
@@ -40,11 +42,17 @@ class Imagine(commands.Cog):
         strength="With an image: how far to move away from it (1 = ignore it)",
         model="The model to draw with (/models lists them)",
         lora="A LoRA adapter, as name or name:weight; the same as <lora:name:weight> in the prompt",
+        hires="Hires fix: draw at the size asked, then again this much bigger from the upscaled picture",
+        hires_strength="Hires fix: how far the bigger pass may move away from the upscaled picture (0.5 is usual)",
+        hires_steps="Hires fix: the steps of the bigger pass (default: the same as steps)",
+        hires_upscaler="Hires fix: how the picture is upscaled before the bigger pass",
     )
     @app_commands.choices(
         scheduler=[app_commands.Choice(name=label, value=key) for key, label in SCHEDULER_LABELS.items()],
         size=[app_commands.Choice(name=label, value=key) for key, label in SIZE_NAMES.items()],
+        hires_upscaler=[app_commands.Choice(name=label, value=key) for key, label in HIRES_UPSCALERS.items()],
     )
+    @app_commands.choices(hires=[app_commands.Choice(name=f"{scale:g}x", value=scale) for scale in HIRES_SCALES])
     async def imagine(
         self,
         interaction: Interaction,
@@ -60,6 +68,10 @@ class Imagine(commands.Cog):
         strength: app_commands.Range[float, 0.05, 1.0] | None = None,
         model: str | None = None,
         lora: str | None = None,
+        hires: float | None = None,
+        hires_strength: app_commands.Range[float, 0.05, 1.0] | None = None,
+        hires_steps: app_commands.Range[int, 1, 150] | None = None,
+        hires_upscaler: str | None = None,
     ) -> None:
         await interaction.response.defer()
         bot = self.bot
@@ -90,6 +102,10 @@ class Imagine(commands.Cog):
             count=count,
             strength=strength or defaults.strength,
             model=model,
+            hires_scale=hires,
+            hires_strength=hires_strength or defaults.hires_strength,
+            hires_steps=hires_steps,
+            hires_upscaler=hires_upscaler or defaults.hires_upscaler,
         )
         await bot.generations.run(
             request,

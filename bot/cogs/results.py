@@ -1,4 +1,4 @@
-"""The buttons on results: Reroll, Vary, Delete and Cancel.
+"""The buttons on results: Reroll, Vary, Upscale, Delete and Cancel.
 
 bot/buttons.py acknowledges each press at once and hands it here as `on_result_button`. Only then are the checks
 made (the allowlist and blocklist from memory, who may press it from bot/access.py) and the database read.
@@ -39,7 +39,7 @@ class Results(commands.Cog):
             await tell(interaction, refusal)
             return
         actor = Actor.of(interaction, bot.settings.discord.owner_ids)
-        noted = action in ("reroll", "vary")
+        noted = action in ("reroll", "vary", "upscale")
         try:
             if noted:  # starts a generation: leave a trace until its row exists, as slash commands do
                 await bot.note_received(receipt(interaction, f"{action} button"))
@@ -54,6 +54,8 @@ class Results(commands.Cog):
                 output, user = Output.for_interaction(interaction), interaction.user
                 if action == "reroll":
                     await bot.generations.rerun(row, output, user, seed=sdengine.random_seed(row.count))
+                elif action == "upscale":
+                    await bot.generations.upscale(row, index, output, user)
                 else:
                     await bot.generations.vary(row, index, output, user, interaction.message)
         except Exception as exc:
