@@ -23,6 +23,7 @@ from typing import Any, NoReturn, TextIO
 from .errors import SDEngineError
 from .request import (
     DEFAULT_MODEL,
+    HIRES_UPSCALERS,
     MAX_COUNT,
     MAX_GUIDANCE,
     MAX_SEED,
@@ -167,6 +168,31 @@ def _parser() -> argparse.ArgumentParser:
         help=f"how much to change the --image, in (0, 1] (default: {_DEFAULTS.strength})",
     )
     imagine.add_argument(
+        "--hires",
+        metavar="X",
+        type=float,
+        default=None,
+        help="hires fix: draw at the size asked, then again X times bigger (1.5, 2, ...) from the upscaled picture "
+        "(default: off)",
+    )
+    imagine.add_argument(
+        "--hires-strength",
+        metavar="F",
+        type=float,
+        default=_DEFAULTS.hires_strength,
+        help="how much the hires pass may change the upscaled picture, in (0, 1] (default: %(default)s)",
+    )
+    imagine.add_argument(
+        "--hires-steps", metavar="N", type=int, default=None, help="steps of the hires pass (default: --steps)"
+    )
+    imagine.add_argument(
+        "--hires-upscaler",
+        metavar="U",
+        choices=HIRES_UPSCALERS,
+        default=_DEFAULTS.hires_upscaler,
+        help="latent (bilinear in latent space) or lanczos (in pixels) (default: %(default)s)",
+    )
+    imagine.add_argument(
         "--out",
         metavar="PATH",
         type=Path,
@@ -240,6 +266,10 @@ def _imagine(args: argparse.Namespace) -> int:
         height=args.height,
         count=args.count,
         image=image,
+        hires_scale=args.hires,
+        hires_strength=args.hires_strength,
+        hires_steps=args.hires_steps,
+        hires_upscaler=args.hires_upscaler,
         **optional,
     )
     check_request(request)

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 import sdengine
-from sdengine import pipeline, request, schedulers
+from sdengine import cli, pipeline, request, schedulers
 from sdengine.models import DEFAULT_MODEL
 
 HEAVY = ("torch", "diffusers", "transformers")
@@ -97,6 +97,20 @@ def test_imagine_writes_a_png_that_info_reads_back(tmp_path: Path) -> None:
     assert "Denoising strength: 0.5" in sdengine_cli("info", "v-1.png", cwd=tmp_path).stdout
 
 
+def test_hires_writes_the_bigger_picture_with_a1111_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """In this process: `main` as the console script calls it."""
+    out = tmp_path / "h.png"
+    args = ["imagine", "a ship", *TINY, "--steps", "2", "--seed", "3", "--hires", "1.5", "--hires-steps", "4"]
+    assert cli.main([*args, "--hires-upscaler", "lanczos", "--out", str(out)]) == 0
+    assert capsys.readouterr().err.splitlines() == ["step 1/4", "step 2/4", "step 3/4", "step 4/4"]
+    with Image.open(out) as image:
+        assert image.size == (96, 96)
+    assert cli.main(["info", str(out)]) == 0
+    info = capsys.readouterr().out
+    for field in ("Size: 64x64", "Denoising strength: 0.5", "Hires upscale: 1.5", "Hires steps: 4", "Lanczos"):
+        assert field in info
+
+
 def test_count_4_writes_a_grid_in_seed_order(tmp_path: Path) -> None:
     done = sdengine_cli("imagine", "a ship", *TINY, "--steps", "1", "--count", "4", "--out", "o.png", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -157,6 +171,8 @@ BAD_INPUT = [
     (["imagine", "x", "--model", "/no/such/folder"], "No model at", 1, True),
     (["imagine", "x", *TINY, "--loras", "/no/such/folder"], "The LoRA folder '/no/such/folder' is not", 1, True),
     (["imagine", "x <lora:y:5>"], "The weight of LoRA 'y' must be between -2 and 2, not 5.", 1, False),
+    (["imagine", "x", "--hires", "9"], "The hires scale must be above 1 and at most 4, not 9.0.", 1, False),
+    (["imagine", "x", "--hires-upscaler", "esrgan"], "argument --hires-upscaler: invalid choice", 2, False),
 ]  # fmt: skip
 
 

@@ -10,6 +10,7 @@ import numpy as np
 
 import sdengine
 from bot.config import load_settings
+from bot.policy import Policy
 from sdengine import GenerationRequest, Model
 from tests.botharness import custom_ids, fake_fixture, pixels, result_id, sentence
 from tests.fakediscord import FakeDiscord
@@ -98,3 +99,16 @@ async def test_hires_over_the_limits_gets_one_sentence_and_keeps_its_row(fake: F
         )
         row = (await bot.store.history(fake.alice.id, limit=1))[0]
         assert (row.status, row.reason, row.hires_scale) == ("failed", said, 2.0)
+
+
+def test_the_cost_cap_counts_both_passes(tmp_path: Path) -> None:
+    # 64² at 10 steps, then 128² at int(10 * 0.5) = 5 steps: 40,960 + 81,920 units of work
+    (tmp_path / "config.toml").write_text('[model]\npath = "sd"\n[limits]\nmax_cost = 122880')
+    policy = Policy(load_settings(tmp_path / "config.toml"), {"sd": sdengine.ModelInfo("sd", 64, 8, False)})
+    request = GenerationRequest("a tree", steps=10, hires_scale=2, hires_steps=10, model="sd")
+    assert policy.problem(request, user_id=1) is None
+    assert policy.problem(replace(request, hires_strength=0.6), user_id=1) == (
+        "1 image of 64x64 at 10 steps, with hires 2x to 128x128, is more work than allowed here: lower the steps, "
+        "the size, the count or the hires scale."
+    )
+    assert policy.problem(replace(request, hires_scale=None, steps=30), user_id=1) is None  # the same work in one pass
