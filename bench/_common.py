@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from types import TracebackType
 
 import torch
@@ -23,6 +24,25 @@ def random_model(shape: str, device: str = "auto") -> Model:
         if dtype != torch.float32:
             module.to(dtype=dtype)
     return model
+
+
+def unet_inputs(model: Model, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(latents, timesteps, text embeddings) of one guided step at `size` pixels: 2 rows, negative and positive."""
+    unet, f = model.unet, model.latent_factor
+    cpu = torch.Generator("cpu").manual_seed(0)
+    latents = torch.randn(2, model.latent_channels, size // f, size // f, generator=cpu)  # (2, C, H/f, W/f)
+    embeds = torch.randn(2, model.tokenizer.model_max_length, unet.config.cross_attention_dim, generator=cpu)
+    t = torch.tensor([500.0, 500.0], device=model.device)
+    return latents.to(model.device, model.dtype), t, embeds.to(model.device, model.dtype)
+
+
+def timed(run: Callable[[], object], device: torch.device) -> float:
+    """Seconds `run` takes, its GPU work included."""
+    started = time.perf_counter()
+    run()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
 
 
 def rss_bytes() -> int:

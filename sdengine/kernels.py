@@ -9,7 +9,7 @@ beyond float rounding (tests/test_kernels.py holds them to 1/255).
   beside the fused one, so the UNet's and VAE's attention weights take twice their memory.
 
 `None` is "auto": on for CUDA, where both are known to help, and off elsewhere: on a CPU channels_last is no faster
-(see bench/kernels.py) and the fused copy only costs memory.
+(see bench/kernel_settings.py) and the fused copy only costs memory.
 """
 
 from __future__ import annotations
