@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from types import TracebackType
 
@@ -43,6 +45,18 @@ def timed(run: Callable[[], object], device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - started
+
+
+def step_bench_main(doc: str | None, bench: Callable[[str, int, int, str], None]) -> None:
+    """The command line of the one-step UNet benchmarks: `bench(shape, size, repeats, device)`."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="sd15", choices=["tiny", "sd15"])
+    parser.add_argument("--size", type=int, default=256, help="pixels (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=6, help="timed steps each way (default: %(default)s)")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    bench(args.shape, args.size, args.repeats, args.device)
 
 
 def rss_bytes() -> int:

@@ -11,18 +11,16 @@ fused once and switched between its separate and its fused projections (diffuser
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import sys
-import warnings
 from pathlib import Path
 
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0, FusedAttnProcessor2_0
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._common import random_model, timed, unet_inputs
+from bench._common import random_model, step_bench_main, timed, unet_inputs
 
 VARIANTS = {"plain": (False, False), "channels_last": (True, False), "fused qkv": (False, True), "both": (True, True)}
 
@@ -66,16 +64,5 @@ def bench(shape: str, size: int, repeats: int, device: str) -> None:
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="sd15", choices=["tiny", "sd15"])
-    parser.add_argument("--size", type=int, default=256, help="pixels (default: %(default)s)")
-    parser.add_argument("--repeats", type=int, default=6, help="timed steps each way (default: %(default)s)")
-    parser.add_argument("--device", default="auto")
-    args = parser.parse_args()
-    warnings.filterwarnings("ignore")
-    bench(args.shape, args.size, args.repeats, args.device)
-
-
 if __name__ == "__main__":
-    main()
+    step_bench_main(__doc__, bench)
