@@ -16,10 +16,12 @@ import torch
 from diffusers.models.attention_processor import Attention, FusedAttnProcessor2_0
 from PIL import Image
 
+from bot.__main__ import main
 from sdengine import GenerationRequest, Model, generate, load_model
 from sdengine.compiling import compile_model
 from tests.test_lora import lora_folder as lora_folder  # a fixture, shared
 from tests.test_parity import PROMPT, _max_diff
+from tests.test_startup import write_config
 
 MAX_DIFF = 1  # per channel, in /255 units: the parity contract's bound
 
@@ -106,3 +108,14 @@ def test_the_compiled_graph_runs_with_both_settings(tiny: Model) -> None:
     assert model.compiled and _is_fused(model.unet) and _is_channels_last(model.unet)
     job = REQUESTS[0]
     assert _max_diff(generate(model, job).images[0], generate(tiny, job).images[0]) <= MAX_DIFF
+
+
+def test_the_config_keys_reach_the_engine(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """[model] channels_last and fuse_qkv go through preflight's ModelSpec and the pool to load_model: `sdbot
+    --check` loads the model and names the settings that are on."""
+    monkeypatch.delenv("DISCORD_TOKEN", raising=False)
+    config = write_config(tmp_path, 'path = "tiny"\nchannels_last = true\nfuse_qkv = true')
+    assert main(["--check", "--config", str(config)]) == 0
+    assert "(float32, memory fast, channels_last, fused qkv, without a safety checker)" in capsys.readouterr().out
