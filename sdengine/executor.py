@@ -35,7 +35,6 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -45,7 +44,6 @@ from PIL import Image
 
 from .batching import cuda_max_batch
 from .errors import OutOfMemory, SDEngineError
-from .info import ModelInfo
 from .jobs import (
     BatchLimit,
     Done,
@@ -98,12 +96,12 @@ DOWN_MESSAGE = "The generator has stopped working: an admin must restart the bot
 OUT_OF_MEMORY_MESSAGE = "The GPU ran out of memory for this request: lower the size or count."
 
 
-def default_max_batch(device: torch.device, models: Collection[ModelInfo] = ()) -> int:
+def default_max_batch(device: torch.device, models: ModelPool | None = None) -> int:
     """Images per UNet call. On a CPU, memory bandwidth makes big batches slower than solo runs of SD-sized
     models (see bench/throughput.py), so it runs solo; GPUs gain from batching: on CUDA, as many as its free
     memory holds (sdengine.batching), or 8 without models to go by."""
-    if device.type == "cuda" and models:
-        return cuda_max_batch(device, models)
+    if device.type == "cuda" and models is not None:
+        return cuda_max_batch(device, list(models.infos.values()))
     return {"cuda": 8, "mps": 4}.get(device.type, 1)
 
 
@@ -145,7 +143,7 @@ class Executor:
         self.pool = models if isinstance(models, ModelPool) else ModelPool.of(models)
         self.config = config or ExecutorConfig()
         self.device = self.pool.device
-        ceiling = self.config.max_batch or default_max_batch(self.device, list(self.pool.infos.values()))
+        ceiling = self.config.max_batch or default_max_batch(self.device, self.pool)
         self._limit = BatchLimit(ceiling, self.config.probe_after_steps)
         self._lock = threading.Condition()
         self._queue = FairQueue()

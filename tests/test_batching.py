@@ -7,10 +7,11 @@ import logging
 import pytest
 import torch
 
-from sdengine.batching import BATCH_CEILING, batch_for_memory, per_image_bytes
+from sdengine.batching import BATCH_CEILING, batch_for_memory, cuda_max_batch, per_image_bytes
 from sdengine.executor import default_max_batch
-from sdengine.info import ModelInfo
+from sdengine.info import ModelInfo, ModelSpec
 from sdengine.models import LOW_MEMORY_BELOW
+from sdengine.pool import ModelPool
 
 GIB = 2**30
 
@@ -37,11 +38,22 @@ def test_the_per_image_cost_follows_the_kind_and_the_precision() -> None:
     assert per_image_bytes("sdxl", "float32") == 2 * per_image_bytes("sdxl", "bfloat16") == 4 * GIB
 
 
-def test_cpu_and_mps_keep_their_fixed_batch() -> None:
-    models = [info("sd1")]
-    assert default_max_batch(torch.device("cpu"), models) == 1
-    assert default_max_batch(torch.device("mps"), models) == 4
+@pytest.fixture(scope="module")
+def pool() -> ModelPool:
+    """tiny (SD 1.x) and tiny-xl (SDXL), both fp32 on the CPU."""
+    return ModelPool.load({"a": ModelSpec("tiny", device="cpu"), "b": ModelSpec("tiny-xl", device="cpu")}, "a")
+
+
+def test_cpu_and_mps_keep_their_fixed_batch(pool: ModelPool) -> None:
+    assert default_max_batch(torch.device("cpu"), pool) == 1
+    assert default_max_batch(torch.device("mps"), pool) == 4
     assert default_max_batch(torch.device("cuda")) == 8  # no models to go by
+
+
+def test_cuda_goes_by_the_costliest_model_of_the_pool(pool: ModelPool, monkeypatch: pytest.MonkeyPatch) -> None:
+    # No GPU here: the one CUDA call answers what a card with 20 GiB free would.
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (20 * GIB, 80 * GIB))
+    assert default_max_batch(torch.device("cuda"), pool) == 5  # tiny-xl in fp32: 4 GiB an image
 
 
 @pytest.mark.parametrize(
@@ -61,8 +73,7 @@ def test_cuda_batches_what_its_free_memory_holds(
     models: list[ModelInfo],
     batch: int,
 ) -> None:
-    # No GPU here: the one CUDA call is replaced by what a card with `free_gib` free answers.
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free_gib * GIB, 80 * GIB))
     caplog.set_level(logging.INFO, logger="sdengine")
-    assert default_max_batch(torch.device("cuda"), models) == batch
+    assert cuda_max_batch(torch.device("cuda"), models) == batch
     assert f"max_batch {batch} on cuda: {free_gib:.1f} GiB free, about" in caplog.text
