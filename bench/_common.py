@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import threading
 import time
+import warnings
+from collections.abc import Callable
 from types import TracebackType
 
 import torch
@@ -23,6 +26,37 @@ def random_model(shape: str, device: str = "auto") -> Model:
         if dtype != torch.float32:
             module.to(dtype=dtype)
     return model
+
+
+def unet_inputs(model: Model, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(latents, timesteps, text embeddings) of one guided step at `size` pixels: 2 rows, negative and positive."""
+    unet, f = model.unet, model.latent_factor
+    cpu = torch.Generator("cpu").manual_seed(0)
+    latents = torch.randn(2, model.latent_channels, size // f, size // f, generator=cpu)  # (2, C, H/f, W/f)
+    embeds = torch.randn(2, model.tokenizer.model_max_length, unet.config.cross_attention_dim, generator=cpu)
+    t = torch.tensor([500.0, 500.0], device=model.device)
+    return latents.to(model.device, model.dtype), t, embeds.to(model.device, model.dtype)
+
+
+def timed(run: Callable[[], object], device: torch.device) -> float:
+    """Seconds `run` takes, its GPU work included."""
+    started = time.perf_counter()
+    run()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def step_bench_main(doc: str | None, bench: Callable[[str, int, int, str], None]) -> None:
+    """The command line of the one-step UNet benchmarks: `bench(shape, size, repeats, device)`."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="sd15", choices=["tiny", "sd15"])
+    parser.add_argument("--size", type=int, default=256, help="pixels (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=6, help="timed steps each way (default: %(default)s)")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    bench(args.shape, args.size, args.repeats, args.device)
 
 
 def rss_bytes() -> int:

@@ -10,40 +10,20 @@ Both ways share one module: `unet.compile()` compiles `unet(...)`, while `unet.f
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
-import time
-import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._common import random_model
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _timed(run: Callable[[], object], device: torch.device) -> float:
-    started = time.perf_counter()
-    run()
-    _sync(device)
-    return time.perf_counter() - started
+from bench._common import random_model, step_bench_main, timed, unet_inputs
 
 
 def bench(shape: str, size: int, repeats: int, device: str) -> None:
     model = random_model(shape, device)
-    unet, f = model.unet, model.latent_factor
-    cpu = torch.Generator("cpu").manual_seed(0)
-    latents = torch.randn(2, model.latent_channels, size // f, size // f, generator=cpu)  # (2, C, H/f, W/f)
-    embeds = torch.randn(2, model.tokenizer.model_max_length, unet.config.cross_attention_dim, generator=cpu)
-    latents, embeds = latents.to(model.device, model.dtype), embeds.to(model.device, model.dtype)
-    t = torch.tensor([500.0, 500.0], device=model.device)
+    unet = model.unet
+    latents, t, embeds = unet_inputs(model, size)
 
     def eager() -> None:
         unet.forward(latents, t, encoder_hidden_states=embeds)
@@ -54,12 +34,12 @@ def bench(shape: str, size: int, repeats: int, device: str) -> None:
     with torch.inference_mode():
         eager()  # warm-up: lazy imports and allocator growth
         unet.compile()
-        compile_s = _timed(compiled, model.device)
+        compile_s = timed(compiled, model.device)
         times: dict[str, list[float]] = {"eager": [], "compiled": []}
         pair = [("eager", eager), ("compiled", compiled)]
         for i in range(repeats):
             for name, run in pair if i % 2 == 0 else pair[::-1]:  # ABBA: neither side always goes first
-                times[name].append(_timed(run, model.device))
+                times[name].append(timed(run, model.device))
     eager_s, compiled_s = statistics.median(times["eager"]), statistics.median(times["compiled"])
     print(
         f"{shape:5} UNet {size}x{size}, one guided step on {model.device} ({str(model.dtype).removeprefix('torch.')}): "
@@ -69,16 +49,5 @@ def bench(shape: str, size: int, repeats: int, device: str) -> None:
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="sd15", choices=["tiny", "sd15"])
-    parser.add_argument("--size", type=int, default=256, help="pixels (default: %(default)s)")
-    parser.add_argument("--repeats", type=int, default=6, help="timed steps each way (default: %(default)s)")
-    parser.add_argument("--device", default="auto")
-    args = parser.parse_args()
-    warnings.filterwarnings("ignore")
-    bench(args.shape, args.size, args.repeats, args.device)
-
-
 if __name__ == "__main__":
-    main()
+    step_bench_main(__doc__, bench)

@@ -1,7 +1,8 @@
 """The prepared GPU script of issue 11: diffusers' pipeline against the engine, eager and compiled, on one GPU.
 
 Random weights with SD 1.5's exact shapes (no download), 512x512, fp16, DPM++ 2M Karras, guidance 7.5:
-- diffusers' `StableDiffusionPipeline` (SDPA attention, its default), the engine eager, and the engine with
+- diffusers' `StableDiffusionPipeline` (SDPA attention, its default), the engine eager, the engine with the kernel
+  settings (`channels_last` and `fuse_qkv`, what "auto" picks on CUDA), and the engine with those and
   `compile = true` (its load-time warm-up included), at batch 1, 4, 8 and 16, for 20 and 50 steps;
 - columns: it/s (one guided UNet step of the whole batch is one iteration, timed from the end of the first step to
   the end of the last, as a progress bar counts), img/s (end to end: prompts, loop and VAE decode, without PNG
@@ -41,6 +42,7 @@ from bench.throughput import percentile
 from sdengine import GenerationRequest, Model
 from sdengine.compiling import compile_model
 from sdengine.executor import Executor, ExecutorConfig
+from sdengine.kernels import apply_kernels
 from sdengine.pipeline import MAX_COUNT, decode, denoise_step, prepare
 from sdengine.schedulers import make_scheduler
 
@@ -149,8 +151,11 @@ def matrix(model: Model, plan: Plan, deadline: float, rows: list[Row]) -> None:
         "diffusers": lambda b, s, c: run_diffusers(pipe, model, b, s, plan.size, c),
         "engine eager": lambda b, s, c: run_engine(model, b, s, plan.size, c),
     }
-    for name in ("diffusers", "engine eager", "engine compiled"):
+    for name in ("diffusers", "engine eager", "engine kernels", "engine compiled"):
         late = time.perf_counter() > deadline
+        if name == "engine kernels" and not late:  # in place, so after diffusers' runs, which share the UNet
+            apply_kernels(model, channels_last=True, fuse_qkv=True)
+            runners[name] = runners["engine eager"]
         if name == "engine compiled" and not late:  # after the eager runs: it compiles pipe.unet in place too
             started = time.perf_counter()
             compile_model(model, plan.backend)

@@ -60,6 +60,9 @@ class ModelSettings:
     memory: str = "auto"  # "fast", "low" (small GPUs) or "auto" (picked from free GPU memory)
     compile: bool = False  # torch.compile the UNet and the VAE decoder, warmed up at start
     loras: str = ""  # a folder of LoRA .safetensors files, each an adapter named by its file stem; "" for none
+    # Kernel settings (sdengine.kernels): true, false or "auto" (None here), which turns them on for CUDA only
+    channels_last: bool | None = None
+    fuse_qkv: bool | None = None
     name: str = ""  # NAME of a [models.NAME] table; empty for a lone [model]
     # This model's own limits; 0: [limits] max_side and max_cost, which are meant for a 512² model, scaled up for a
     # model with a larger native size (an SDXL model gets twice the side and four times the cost).
@@ -258,6 +261,8 @@ def _model_settings(model: Section, name: str = "") -> ModelSettings:
         dtype=model.choice("dtype", ModelSettings.dtype, DTYPES),
         memory=model.choice("memory", ModelSettings.memory, MEMORY_MODES),
         compile=model.flag("compile", ModelSettings.compile),
+        channels_last=model.auto_flag("channels_last", ModelSettings.channels_last),
+        fuse_qkv=model.auto_flag("fuse_qkv", ModelSettings.fuse_qkv),
         loras=_lora_folder(model),
         name=name,
         max_side=model.integer("max_side", ModelSettings.max_side, 0, ENGINE_MAX_SIDE),

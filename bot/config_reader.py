@@ -80,6 +80,17 @@ class Section:
             raise self._fail(key, "true or false", value)
         return value
 
+    def auto_flag(self, key: str, default: bool | None) -> bool | None:
+        """true, false or "auto" (None: the engine decides)."""
+        value = self._get(key)
+        if value is None:
+            return default
+        if value == "auto":
+            return None
+        if not isinstance(value, bool):
+            raise self._fail(key, 'true, false or "auto"', value)
+        return value
+
     def text(self, key: str, default: str, *, allow_empty: bool = True, max_chars: int = 4096) -> str:
         value = self._get(key)
         if value is None:

@@ -75,6 +75,8 @@ def model_spec(settings: Settings, model: ModelSettings) -> ModelSpec:
         model.memory,
         model.compile,
         model.loras,
+        model.channels_last,
+        model.fuse_qkv,
     )
 
 
@@ -190,7 +192,8 @@ def _check_local(settings: Settings, say: Callable[[str], None]) -> None:
         which = repr(name) if name == model.name else f"{name!r} ({model.name!r})"
         say(
             f"model {which} loaded on {model.device} ({str(model.dtype).removeprefix('torch.')}, memory "
-            f"{model.memory}{', compiled' if model.compiled else ''}, {checker} a safety checker) in "
+            f"{model.memory}{', compiled' if model.compiled else ''}{', channels_last' if model.channels_last else ''}"
+            f"{', fused qkv' if model.fused_qkv else ''}, {checker} a safety checker) in "
             f"{loaded + time.perf_counter() - started:.1f} s"
         )
         loaded = 0.0  # the load of all of them is counted once, on the first line

@@ -37,6 +37,7 @@ from .request import (
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 _DEFAULTS = GenerationRequest(prompt="")
+_AUTO_ON_OFF: dict[str, bool | None] = {"auto": None, "on": True, "off": False}  # load_model's kernel settings
 _EXIT_CODES = (
     "exit codes: 0 done; 1 the request, a file or the model was refused (the one line on stderr says what to "
     "change); 2 bad command line; 130 interrupted (Ctrl-C); 143 terminated (SIGTERM)."
@@ -111,6 +112,10 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="torch.compile the UNet and the VAE decoder: a slow start (a warm-up run), then faster steps",
     )
+    for flag, what in (("--channels-last", "channels-last (NHWC) weights"), ("--fuse-qkv", "fused q/k/v attention")):
+        imagine.add_argument(
+            flag, choices=tuple(_AUTO_ON_OFF), default="auto", help=f"{what}; auto: on for CUDA (default: %(default)s)"
+        )
     imagine.add_argument(
         "--scheduler", default=_DEFAULTS.scheduler, choices=SCHEDULERS, help="sampler (default: %(default)s)"
     )
@@ -284,7 +289,14 @@ def _imagine(args: argparse.Namespace) -> int:
     from .pipeline import check_inputs, generate
 
     model = load_model(
-        args.model, device=args.device, dtype=args.dtype, memory=args.memory, compile=args.compile, loras=args.loras
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        memory=args.memory,
+        compile=args.compile,
+        loras=args.loras,
+        channels_last=_AUTO_ON_OFF[args.channels_last],
+        fuse_qkv=_AUTO_ON_OFF[args.fuse_qkv],
     )
     check_inputs(model, request)
 

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from .batching import cuda_max_batch
 from .errors import OutOfMemory, SDEngineError
 from .hires import upscale
 from .jobs import (
@@ -97,9 +98,12 @@ DOWN_MESSAGE = "The generator has stopped working: an admin must restart the bot
 OUT_OF_MEMORY_MESSAGE = "The GPU ran out of memory for this request: lower the size or count."
 
 
-def default_max_batch(device: torch.device) -> int:
+def default_max_batch(device: torch.device, models: ModelPool | None = None) -> int:
     """Images per UNet call. On a CPU, memory bandwidth makes big batches slower than solo runs of SD-sized
-    models (see bench/throughput.py), so it runs solo; GPUs gain from batching."""
+    models (see bench/throughput.py), so it runs solo; GPUs gain from batching: on CUDA, as many as its free
+    memory holds (sdengine.batching), or 8 without models to go by."""
+    if device.type == "cuda" and models is not None:
+        return cuda_max_batch(device, list(models.infos.values()))
     return {"cuda": 8, "mps": 4}.get(device.type, 1)
 
 
@@ -141,7 +145,7 @@ class Executor:
         self.pool = models if isinstance(models, ModelPool) else ModelPool.of(models)
         self.config = config or ExecutorConfig()
         self.device = self.pool.device
-        ceiling = self.config.max_batch or default_max_batch(self.device)
+        ceiling = self.config.max_batch or default_max_batch(self.device, self.pool)
         self._limit = BatchLimit(ceiling, self.config.probe_after_steps)
         self._lock = threading.Condition()
         self._queue = FairQueue()

@@ -41,6 +41,8 @@ class ModelSpec:
     memory: str = "auto"
     compile: bool = False
     loras: str = ""  # a folder of LoRA .safetensors files; "" for none
+    channels_last: bool | None = None  # None: auto, on for CUDA (sdengine.kernels)
+    fuse_qkv: bool | None = None  # None: auto, on for CUDA (sdengine.kernels)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .errors import ModelLoadError
+from .kernels import apply_kernels
 from .request import DEFAULT_MODEL
 from .safety import SafetyChecker
 from .tiny import build_components
@@ -62,6 +63,8 @@ class Model:
     pipeline_config: dict[str, Any] = field(default_factory=dict)
     memory: str = "fast"  # "fast" or "low", after "auto" is resolved; see MEMORY_MODES
     compiled: bool = False  # the UNet and the VAE decoder run through torch.compile (sdengine.compiling)
+    channels_last: bool = False  # the UNet's and the VAE's weights are NHWC (sdengine.kernels)
+    fused_qkv: bool = False  # their attention runs on fused q/k/v projections (sdengine.kernels)
     # (prompt, negative, text-encoder LoRAs) -> prompts.PromptEmbeddings, most recent last: rerolls and variations
     # repeat prompts
     prompt_cache: OrderedDict[tuple[Any, ...], Any] = field(default_factory=OrderedDict, repr=False, compare=False)
@@ -146,13 +149,16 @@ def load_model(
     memory: str = "auto",
     compile: bool = False,
     loras: str = "",
+    channels_last: bool | None = None,
+    fuse_qkv: bool | None = None,
 ) -> Model:
     """Load a model from `tiny`, `tiny-xl`, a local diffusers folder, a single .safetensors file, or a hub id.
 
     With `safety_checker`, a folder's (or hub snapshot's) `safety_checker/` and `feature_extractor/` are loaded too,
     when it has them; the built-in models and single files have none. `memory` is one of MEMORY_MODES. `loras` is
     a folder of LoRA .safetensors files, loaded as adapters (sdengine.lora). `compile` runs the UNet and the VAE
-    decoder through torch.compile, warmed up here rather than on a user's first request.
+    decoder through torch.compile, warmed up here rather than on a user's first request. `channels_last` and
+    `fuse_qkv` are sdengine.kernels' settings; None is auto (on for CUDA).
     """
     if memory not in MEMORY_MODES:
         raise ModelLoadError(f"Unknown memory mode {memory!r}: use auto, fast or low.")
@@ -190,7 +196,17 @@ def load_model(
 
         load_adapters(model, loras)
     set_memory_mode(model, memory)
-    log.info("loaded %s model %r on %s (%s), memory %s", model.kind, source, torch_device, torch_dtype, model.memory)
+    apply_kernels(model, channels_last, fuse_qkv)  # after the LoRAs and the memory mode, which decide fusing
+    log.info(
+        "loaded %s model %r on %s (%s), memory %s, channels_last %s, fused qkv %s",
+        model.kind,
+        source,
+        torch_device,
+        torch_dtype,
+        model.memory,
+        model.channels_last,
+        model.fused_qkv,
+    )
     if compile:
         from .compiling import compile_model  # imports the pipeline, which imports this module
 

@@ -34,6 +34,8 @@ def load_spec(spec: ModelSpec) -> Model:
         memory=spec.memory,
         compile=spec.compile,
         loras=spec.loras,
+        channels_last=spec.channels_last,
+        fuse_qkv=spec.fuse_qkv,
     )
 
 

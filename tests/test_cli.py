@@ -90,7 +90,7 @@ def test_imagine_writes_a_png_that_info_reads_back(tmp_path: Path) -> None:
 
     variation = sdengine_cli(
         "imagine", "a boat", *TINY, "--image", "x.png", "--strength", "0.5", "--steps", "4", "--count", "2",
-        "--seed", "7", "--out", "v.png", cwd=tmp_path,
+        "--seed", "7", "--out", "v.png", "--channels-last", "on", "--fuse-qkv", "on", cwd=tmp_path,
     )  # fmt: skip
     assert variation.returncode == 0, variation.stderr
     assert variation.stdout.split() == ["v-0.png", "seed", "7", "v-1.png", "seed", "8", "v-grid.png", "grid"]
@@ -152,6 +152,7 @@ BAD_INPUT = [
     ([], "the following arguments are required: command (see `sdengine --help`)", 2, False),
     (["imagine", "x", "--steps", "many"], "argument --steps: invalid int value", 2, False),
     (["imagine", "x", "--scheduler", "pndm"], "argument --scheduler: invalid choice", 2, False),
+    (["imagine", "x", "--fuse-qkv", "yes"], "argument --fuse-qkv: invalid choice: 'yes'", 2, False),
     (["imagine", "x", "--strength", "5"], "--strength needs --image", 2, False),
     # The inputs are checked before the model loads: neither the offline hub id nor a missing folder is touched.
     (["imagine", ""], "The prompt is empty", 1, False),

@@ -57,6 +57,8 @@ def test_every_key_is_read(tmp_path: Path) -> None:
             dtype = "bf16"
             memory = "low"
             compile = true
+            channels_last = true
+            fuse_qkv = false
 
             [storage]
             database = "data/bot.sqlite3"
@@ -90,6 +92,7 @@ def test_every_key_is_read(tmp_path: Path) -> None:
     assert settings.discord.nsfw_channels_only is True
     assert (settings.model.path, settings.model.device, settings.model.dtype) == ("tiny", "cuda:1", "bf16")
     assert settings.model.memory == "low" and settings.model.compile is True
+    assert (settings.model.channels_last, settings.model.fuse_qkv) == (True, False)
     assert settings.storage.database == Path("data/bot.sqlite3")
     assert settings.defaults.steps == 30
     assert settings.defaults.guidance == 5.0 and isinstance(settings.defaults.guidance, float)
@@ -101,6 +104,14 @@ def test_every_key_is_read(tmp_path: Path) -> None:
     assert (limits.max_side, limits.max_count, limits.cooldown_seconds) == (1024, 2, 2.5)
     assert (limits.max_cost, limits.job_timeout_seconds, limits.max_batch) == (1_000_000, 60.0, 8)
     assert limits.max_image_bytes == 1024
+
+
+def test_kernel_settings_are_auto_unless_set(tmp_path: Path) -> None:
+    """Auto (None) lets the engine turn them on for CUDA only; "auto" written out means the same."""
+    assert (Settings().model.channels_last, Settings().model.fuse_qkv) == (None, None)
+    text = "[models.a]\npath = 'a'\nchannels_last = 'auto'\nfuse_qkv = true\n"
+    model = load_settings(write(tmp_path, text)).model
+    assert (model.channels_last, model.fuse_qkv) == (None, True)
 
 
 def test_settings_are_frozen() -> None:
@@ -140,6 +151,8 @@ def test_lower_max_steps_lowers_the_default_steps(tmp_path: Path) -> None:
         ("[model]\ndtype = 'int8'", "model.dtype", "one of auto, fp32, fp16, bf16"),
         ("[model]\nmemory = 'tiny'", "model.memory", "one of auto, fast, low"),
         ("[model]\ncompile = 'yes'", "model.compile", "true or false"),
+        ("[model]\nchannels_last = 'on'", "model.channels_last", "must be true, false or \"auto\", not 'on'"),
+        ("[models.a]\npath = 'a'\nfuse_qkv = 1", "models.a.fuse_qkv", 'must be true, false or "auto", not 1'),
         ("[model]\npath = ''", "model.path", "non-empty"),
         ("[model]\nloras = 5", "model.loras", "a string"),
         ("[models.a]\npath = 'a'\nloras = '/no/such/folder'", "models.a.loras", "a folder of LoRA .safetensors"),

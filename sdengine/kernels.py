@@ -1,0 +1,52 @@
+"""Kernel settings applied once a model is loaded: `channels_last` and `fuse_qkv`. Neither changes the pictures
+beyond float rounding (tests/test_kernels.py holds them to 1/255).
+
+- `channels_last` stores the UNet's and the VAE's 4-D weights as NHWC. cuDNN's fast convolution kernels (tensor
+  cores in fp16/bf16) want NHWC; given NCHW weights they transpose around every convolution. The latents stay
+  contiguous: a convolution with an NHWC weight returns NHWC, so the first one converts them.
+- `fuse_qkv` concatenates each self-attention's query, key and value projections into one matrix (key and value
+  for cross-attention): one bigger matmul instead of three small ones. diffusers keeps the separate projections
+  beside the fused one, so those weights take twice their memory: in fp16 about 110 MiB more for SD 1.5's UNet,
+  1.2 GiB for SDXL's (a quarter of its weights).
+
+`None` is "auto": on for CUDA, where both are known to help, and off elsewhere: on a CPU neither gained beyond noise
+(bench/kernel_settings.py, SD-1.5 shape at 256x256: 1.00x and 1.07x), and the fused copy costs memory.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .models import Model
+
+log = logging.getLogger(__name__)
+
+
+def resolve(setting: bool | None, device: torch.device) -> bool:
+    """What a tri-state setting means on `device`: `None` (auto) is on for CUDA only."""
+    return device.type == "cuda" if setting is None else setting
+
+
+def apply_kernels(model: Model, channels_last: bool | None = None, fuse_qkv: bool | None = None) -> None:
+    """Set the model's UNet and VAE up for the two settings; `load_model` calls it before any compiling, which
+    would otherwise trace the unfused attention and NCHW weights."""
+    if resolve(channels_last, model.device):
+        model.unet.to(memory_format=torch.channels_last)
+        model.vae.to(memory_format=torch.channels_last)
+        model.channels_last = True
+    if not resolve(fuse_qkv, model.device):
+        return
+    if model.loras:
+        # peft wraps to_q, to_k and to_v; the fused processor calls to_qkv instead, so every LoRA would do nothing.
+        log.info("fuse_qkv is off for %r: its LoRA adapters change the separate q/k/v projections", model.name)
+    elif model.memory == "low":
+        # Sliced attention replaces the fused processor (it calls to_q, to_k, to_v), so fusing would only add weights.
+        log.info("fuse_qkv is off for %r: memory 'low' slices attention, which the fused weights cannot", model.name)
+    else:
+        model.unet.fuse_qkv_projections()
+        model.vae.fuse_qkv_projections()
+        model.fused_qkv = True
