@@ -31,9 +31,9 @@ from bot.policy import Policy, black_out_flagged
 from bot.progress import Painter
 from bot.render import File
 from bot.replies import BLOCKED, SORRY, UserError, database_trouble
+from bot.requests import Requests, image_seed
 from bot.store import Generation, Kind, NewGeneration, Store
 from sdengine.jobs import Done, Failed, Job, JobCancelled, Loading, Queued, Started, Step
-from sdengine.loratags import parse_lora_tags, without_loras
 
 if TYPE_CHECKING:  # the executor modules load torch or Ray; the bot only holds one, made by the app
     from sdengine.executor import Executor
@@ -89,6 +89,7 @@ class GenerationService:
         self.executor = executor
         self.models = models  # names and sizes: the Ray backend has no model in this process
         self.policy = Policy(settings, models)
+        self.requests = Requests(settings, models)
         self.downloader = Downloader(settings.limits.max_image_bytes)
         self.progress_interval = progress_interval
         self.live: dict[int, LiveJob] = {}  # generation id -> its job, while queued or running
@@ -125,7 +126,7 @@ class GenerationService:
             raise UserError(f"#{row.id} has no stored seed to reproduce: give one with the seed option.")
         else:
             seed, notes = row.seed, [f"Exact reproduction of #{row.id} with its stored seed."]
-        request, changes = self._stored_request(row, seed)
+        request, changes = self.requests.stored_request(row, seed)
         await self.run(request, output, kind="reroll", user=user, parent_id=row.id, notes=[*notes, *changes])
 
     async def upscale(self, row: Generation, index: int, output: Output, user: discord.abc.User) -> None:
@@ -134,7 +135,7 @@ class GenerationService:
         caller has checked that `user` may (`access.may_rerun`)."""
         if index >= row.count:
             raise UserError(f"#{row.id} has no image {index + 1}.")
-        request, changes = self._stored_request(row, _image_seed(row, index))
+        request, changes = self.requests.stored_request(row, image_seed(row, index))
         defaults = self.settings.defaults
         request = replace(
             request,
@@ -146,36 +147,17 @@ class GenerationService:
         notes = [f"Image {index + 1} of #{row.id}, upscaled {defaults.upscale:g}x.", *changes]
         await self.run(request, output, kind="reroll", user=user, parent_id=row.id, notes=notes)
 
-    def _stored_request(self, row: Generation, seed: int) -> tuple[sdengine.GenerationRequest, list[str]]:
-        """The request that made `row`, with `seed`, and a sentence for each part of it that is gone (its model,
-        a LoRA adapter), which the run goes without."""
-        notes = []
-        if self.stored_model(row) is None:
-            notes.append(
-                f"#{row.id} was made with model {row.model!r}, which is no longer here, so this uses the default "
-                f"model {self.settings.model.label!r} and the picture will differ."
-            )
-        request = self.request_from_row(row, seed=seed)
-        gone = self.gone_loras(request)
-        if gone:
-            request = replace(request, prompt=without_loras(request.prompt, gone))
-            notes.append(
-                f"#{row.id} used LoRA {', '.join(gone)[:200]}, no longer here, so this runs without it and the "
-                "picture will differ."
-            )
-        return request, notes
-
     async def vary(self, row: Generation, index: int, output: Output, user: discord.abc.User, pressed: Any) -> None:
         """Variations of image `index` of a result: its attachment on the pressed message, or redrawn from its seed.
         The caller has checked that `user` may (`access.may_rerun`)."""
         name = render.image_name(row.id, index)
         attachment = next((a for a in pressed.attachments if a.filename == name), None) if pressed else None
-        request = self.variation_request(row.prompt, row)
+        request = self.requests.variation_request(row.prompt, row)
         source: ImageSource | Redraw | None = attachment
         if attachment is None:  # left out for size, or the message lost it: draw it again from the stored seed
-            seed = _image_seed(row, index)
+            seed = image_seed(row, index)
             # Never shown, only fed to the variation (which is checked itself): no need for the safety checker.
-            source = Redraw(replace(self.request_from_row(row, seed=seed), count=1, safety_check=False))
+            source = Redraw(replace(self.requests.from_row(row, seed=seed), count=1, safety_check=False))
         await self.run(request, output, kind="variation", user=user, image=source, parent_id=row.id)
 
     async def resume(self, row: Generation, output: Output) -> None:
@@ -189,7 +171,7 @@ class GenerationService:
             # No stored seed only for a row that was never going to run; any seed then.
             try:
                 seed = sdengine.random_seed(row.count) if row.seed is None else row.seed
-                request = self.request_from_row(row, seed=seed)
+                request = self.requests.from_row(row, seed=seed)
             except UserError as exc:
                 sentence = str(exc)
                 await output.reject(sentence)
@@ -213,72 +195,7 @@ class GenerationService:
         live.job.cancel()
         return True
 
-    # ---- requests ------------------------------------------------------------------------------------------
-
-    def stored_model(self, row: Generation) -> str | None:
-        """The model that made `row`, by the name it was stored with or (for a row from before `[models]`, which
-        stored the path) by its path; None if it is no longer configured."""
-        if row.model in self.models:
-            return row.model
-        return next((m.label for m in self.settings.all_models if m.path == row.model), None)
-
-    def gone_loras(self, request: sdengine.GenerationRequest) -> list[str]:
-        """The LoRA adapters a stored prompt names that its model no longer has."""
-        try:
-            loras = parse_lora_tags(request.prompt)[1]
-        except sdengine.InvalidRequest:  # a refused request's prompt: rerunning it is refused the same way
-            return []
-        info = self.models.get(request.model or self.settings.model.label)
-        return [name for name, _weight in loras if info is not None and name not in info.loras]
-
-    def model_name(self, name: str | None) -> str:
-        """A model a user asked for by name (None: the default), or the sentence that lists the ones there are."""
-        if name is None:
-            return self.settings.model.label
-        if name not in self.models:
-            raise UserError(f"There is no model {name[:40]!r} here: pick one of {', '.join(self.models)}.")
-        return name
-
-    def request_from_row(self, row: Generation, *, seed: int) -> sdengine.GenerationRequest:
-        """The request that made `row`, with `seed`; a variation keeps its stored init image."""
-        if row.strength is not None and row.init_image is None:  # image-to-image, but the image is gone
-            raise UserError(
-                f"The image that #{row.id} started from is no longer kept: make variations of a picture again."
-            )
-        return sdengine.GenerationRequest(
-            prompt=row.prompt,
-            negative=row.negative,
-            scheduler=row.scheduler,
-            steps=row.steps,
-            guidance=row.guidance,
-            seed=seed,
-            width=row.width,
-            height=row.height,
-            count=row.count,
-            image=row.init_image,
-            strength=row.strength if row.strength is not None else self.settings.defaults.strength,
-            model=self.stored_model(row) or self.settings.model.label,
-            hires_scale=row.hires_scale,
-            hires_strength=row.hires_strength or self.settings.defaults.hires_strength,
-            hires_steps=row.hires_steps,
-            hires_upscaler=row.hires_upscaler or self.settings.defaults.hires_upscaler,
-        )
-
-    def variation_request(self, prompt: str, source: Generation | None) -> sdengine.GenerationRequest:
-        """Image-to-image from an image (attached later by `run`), with the settings of the generation that made it
-        when known, else the defaults. The size follows the image."""
-        base = source or self.settings.defaults
-        return sdengine.GenerationRequest(
-            prompt,
-            negative=base.negative,
-            scheduler=base.scheduler,
-            steps=base.steps,
-            guidance=base.guidance,
-            seed=sdengine.random_seed(source.count if source else 1),
-            count=source.count if source else 1,
-            strength=self.settings.defaults.strength,
-            model=(self.stored_model(source) if source else None) or self.settings.model.label,
-        )
+    # ---- room in the queue ---------------------------------------------------------------------------------
 
     def room(self, user_id: int) -> str | None:
         """Why the queue would refuse one more request of `user_id` now, or None: checked before a download."""
@@ -584,11 +501,6 @@ class GenerationService:
 
 def _grid_png(images: Sequence[Image.Image]) -> bytes:
     return render.png(render.grid(images))
-
-
-def _image_seed(row: Generation, index: int) -> int:
-    """The seed of image `index` of `row`: image i of a request uses seed + i."""
-    return row.seeds[index] if index < len(row.seeds) else (row.seed or 0) + index
 
 
 def _int64(number: int) -> int:

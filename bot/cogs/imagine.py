@@ -79,7 +79,7 @@ class Imagine(commands.Cog):
         width = height = None
         problem = None
         try:
-            model = bot.generations.model_name(model)
+            model = bot.generations.requests.model_name(model)
         except UserError as exc:  # the list offers only the models there are, but anything can be typed
             problem, model = str(exc), None
         if size in render.ASPECTS:

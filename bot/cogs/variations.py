@@ -75,7 +75,7 @@ class Variations(commands.Cog):
             await output.reject("That message has no image to make variations of.")
             return
         source = await self.source_of(target)
-        request = self.bot.generations.variation_request(prompt or (source.prompt if source else ""), source)
+        request = self.bot.generations.requests.variation_request(prompt or (source.prompt if source else ""), source)
         await self.bot.generations.run(
             request,
             output,
