@@ -214,7 +214,8 @@ async def test_a_killed_worker_s_job_runs_again_elsewhere_with_the_same_pixels(
     retried = [e for e in events if isinstance(e, Retried)]
     assert len(retried) == 1 and retried[0].attempt == 2, events
     after = events[events.index(retried[0]) :]
-    assert any(isinstance(e, Started) for e in after) and isinstance(events[-1], Done)
+    names = [f"{type(e).__module__}.{type(e).__name__}" for e in events]
+    assert any(isinstance(e, Started) for e in after) and isinstance(events[-1], Done), (names, Started.__module__)
     reference = await asyncio.to_thread(sdengine.generate, tiny, req)
     assert same_pixels(await job.result(), reference)
     # Ray restarts the killed worker, which takes jobs again once its model is loaded.
