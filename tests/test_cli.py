@@ -12,6 +12,7 @@ import subprocess
 import sys
 import termios
 import time
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
@@ -76,25 +77,43 @@ def test_seed_range_for_a_count() -> None:
     assert all(0 <= sdengine.random_seed(4) <= sdengine.MAX_SEED - 3 for _ in range(100))
 
 
-def test_imagine_writes_a_png_that_info_reads_back(tmp_path: Path) -> None:
+@pytest.fixture
+def in_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """`sdengine ARGS` run by `main` in this process, in tmp_path, as the console script calls it: quicker than a
+    fresh process when torch loads anyway."""
+    monkeypatch.chdir(tmp_path)
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        code = cli.main(list(args))
+        captured = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
+    return run
+
+
+def test_imagine_writes_a_png_that_info_reads_back(
+    tmp_path: Path, in_process: Callable[..., subprocess.CompletedProcess[str]]
+) -> None:
     done = sdengine_cli("imagine", "a spaceship", *TINY, "--seed", "1", "--steps", "3", "--out", "x.png", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "x.png\tseed 1"
     # stderr is a pipe here, not a terminal: whole progress lines, no carriage returns.
     assert "\r" not in done.stderr
     assert done.stderr.splitlines() == ["step 1/3", "step 2/3", "step 3/3"]
-    info = sdengine_cli("info", "x.png", cwd=tmp_path)
+    info = in_process("info", "x.png")
     assert info.returncode == 0
     assert info.stdout.splitlines()[0] == "a spaceship"
     assert "Steps: 3, Sampler: DPM++ 2M Karras, CFG scale: 7.5, Seed: 1, Size: 64x64, Model: tiny" in info.stdout
 
-    variation = sdengine_cli(
+    variation = in_process(
         "imagine", "a boat", *TINY, "--image", "x.png", "--strength", "0.5", "--steps", "4", "--count", "2",
-        "--seed", "7", "--out", "v.png", "--channels-last", "on", "--fuse-qkv", "on", cwd=tmp_path,
+        "--seed", "7", "--out", "v.png", "--channels-last", "on", "--fuse-qkv", "on",
     )  # fmt: skip
     assert variation.returncode == 0, variation.stderr
     assert variation.stdout.split() == ["v-0.png", "seed", "7", "v-1.png", "seed", "8", "v-grid.png", "grid"]
-    assert "Denoising strength: 0.5" in sdengine_cli("info", "v-1.png", cwd=tmp_path).stdout
+    assert "Denoising strength: 0.5" in in_process("info", "v-1.png").stdout
 
 
 def test_hires_writes_the_bigger_picture_with_a1111_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -111,8 +130,10 @@ def test_hires_writes_the_bigger_picture_with_a1111_keys(tmp_path: Path, capsys:
         assert field in info
 
 
-def test_count_4_writes_a_grid_in_seed_order(tmp_path: Path) -> None:
-    done = sdengine_cli("imagine", "a ship", *TINY, "--steps", "1", "--count", "4", "--out", "o.png", cwd=tmp_path)
+def test_count_4_writes_a_grid_in_seed_order(
+    tmp_path: Path, in_process: Callable[..., subprocess.CompletedProcess[str]]
+) -> None:
+    done = in_process("imagine", "a ship", *TINY, "--steps", "1", "--count", "4", "--out", "o.png")
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert [line.split("\t")[0] for line in lines] == ["o-0.png", "o-1.png", "o-2.png", "o-3.png", "o-grid.png"]
@@ -125,7 +146,7 @@ def test_count_4_writes_a_grid_in_seed_order(tmp_path: Path) -> None:
                 box = ((i % 2) * 64, (i // 2) * 64, (i % 2) * 64 + 64, (i // 2) * 64 + 64)
                 assert grid.crop(box).tobytes() == image.convert("RGB").tobytes()
     # It carries the first image's parameters, as A1111's grids do.
-    assert f"Seed: {first}," in sdengine_cli("info", "o-grid.png", cwd=tmp_path).stdout
+    assert f"Seed: {first}," in in_process("info", "o-grid.png").stdout
 
 
 @pytest.mark.parametrize("args", [["--help"], ["imagine", "--help"]])
@@ -179,16 +200,26 @@ BAD_INPUT = [
 
 @pytest.mark.parametrize(("args", "expected", "code", "loads_model"), BAD_INPUT)
 def test_bad_input_exits_non_zero_with_one_line(
-    tmp_path: Path, args: list[str], expected: str, code: int, loads_model: bool
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    args: list[str],
+    expected: str,
+    code: int,
+    loads_model: bool,
 ) -> None:
     (tmp_path / "junk.png").write_bytes(b"not an image")
-    done = sdengine_cli(*args, cwd=tmp_path, importtime=True)
-    assert done.returncode == code
-    lines, packages = split_importtime(done.stderr)
-    assert len(lines) == 1, done.stderr
-    assert lines[0].startswith(f"sdengine: {expected}"), lines[0]
-    if not loads_model:
+    if loads_model:  # torch loads anyway: run `main` in this process, as the console script calls it
+        monkeypatch.chdir(tmp_path)
+        assert cli.main(args) == code
+        lines = capsys.readouterr().err.splitlines()
+    else:  # a fresh process, to see that nothing heavy is imported on the way to the answer
+        done = sdengine_cli(*args, cwd=tmp_path, importtime=True)
+        assert done.returncode == code
+        lines, packages = split_importtime(done.stderr)
         assert not packages & set(HEAVY)
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"sdengine: {expected}"), lines[0]
 
 
 def test_sigterm_exits_143_with_one_line(tmp_path: Path) -> None:
