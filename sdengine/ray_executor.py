@@ -75,6 +75,7 @@ class _Worker:
     gone: bool = False  # dead for good: Ray will not restart it, or its model no longer loads
     jobs: dict[int, Job] = field(default_factory=dict)  # job id -> job, dispatched and not finished
     stats: ExecutorStats | None = None
+    seen: int = 0  # the number of the last event received from its process, acknowledged by the next poll
 
     @property
     def images(self) -> int:
@@ -223,7 +224,7 @@ class RayExecutor:
         """Forward the worker's events to its jobs; when it dies, retry its jobs and wait for Ray to restart it."""
         while not worker.gone:
             try:
-                report: Report = await worker.actor.poll.remote(self.poll_wait)
+                report: Report = await worker.actor.poll.remote(self.poll_wait, worker.seen)
             except ray.exceptions.RayActorError as exc:
                 self._died(worker, exc)
                 await self._revive(worker)
@@ -232,6 +233,7 @@ class RayExecutor:
                 log.exception("polling Ray worker %d (pid %d) failed; polling again", worker.index, worker.pid)
                 await asyncio.sleep(1.0)
                 continue
+            worker.seen = report.last
             worker.stats = report.stats
             if report.stats is not None:
                 worker.max_batch = report.stats.max_batch
@@ -261,6 +263,7 @@ class RayExecutor:
         `MAX_DEATHS` times."""
         worker.alive = False
         worker.stats = None
+        worker.seen = 0  # its restarted process numbers its events from 1 again
         jobs = list(worker.jobs.values())
         worker.jobs.clear()
         reason = f"the worker running it (pid {worker.pid}) stopped"

@@ -66,10 +66,11 @@ class Ready:
 
 @dataclass(frozen=True)
 class Report:
-    """One poll: the events since the last poll, in order, and the executor's stats."""
+    """One poll: the events after the poll's `seen`, in order, the number of the last of them, and the stats."""
 
     events: list[tuple[int, Event]] = field(default_factory=list)
     stats: ExecutorStats | None = None
+    last: int = 0  # pass it as the next poll's `seen`
 
 
 def portable(error: SDEngineError) -> SDEngineError:
@@ -93,7 +94,9 @@ class Worker:
         self._error = ""
         self._jobs: dict[int, Job] = {}  # bot job id -> the local job
         self._cancelled: set[int] = set()  # cancels that came before their submit
-        self._outbox: list[tuple[int, Event]] = []
+        # (number, bot job id, event), numbered from 1, kept until a poll's `seen` acknowledges it
+        self._outbox: list[tuple[int, int, Event]] = []
+        self._posted = 0
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         try:
@@ -136,14 +139,19 @@ class Worker:
         else:
             job.cancel()
 
-    async def poll(self, wait: float) -> Report:
-        """The events since the last poll; waits up to `wait` seconds for the first one."""
+    async def poll(self, wait: float, seen: int = 0) -> Report:
+        """The events numbered after `seen`; waits up to `wait` seconds for the first one.
+
+        An event stays until a later poll acknowledges it with its `seen`: a reply nobody reads (the poll of an
+        executor that stopped meanwhile, which Ray still runs here) loses nothing for the next poller."""
+        self._outbox = [item for item in self._outbox if item[0] > seen]
         if not self._outbox:
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), wait)
-        events, self._outbox = self._outbox, []
-        return Report(events, self._executor.stats() if self._executor is not None else None)
+        outbox = self._outbox
+        stats = self._executor.stats() if self._executor is not None else None
+        return Report([(key, event) for _, key, event in outbox], stats, outbox[-1][0] if outbox else seen)
 
     async def shutdown(self) -> None:
         """Finish the current step and fail the rest (`Executor.shutdown`); their events wait for `poll`."""
@@ -163,7 +171,8 @@ class Worker:
         del self._jobs[key]
 
     def _post(self, key: int, event: Event) -> None:
-        self._outbox.append((key, _wire(event)))
+        self._posted += 1
+        self._outbox.append((self._posted, key, _wire(event)))
         self._wake.set()
 
 

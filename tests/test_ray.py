@@ -54,7 +54,7 @@ os.environ["RAY_worker_niceness"] = "0"  # noqa: SIM112  (Ray reads this exact n
 
 from sdengine.ray_cluster import Cluster, start_cluster  # noqa: E402  (needs ray)
 from sdengine.ray_executor import RayExecutor  # noqa: E402
-from sdengine.ray_worker import ModelSpec  # noqa: E402
+from sdengine.ray_worker import ModelSpec, Worker  # noqa: E402
 
 __all__ = ["fake_fixture", "harness_fixture"]
 
@@ -198,6 +198,25 @@ async def test_same_pixels_as_the_local_backend(executor: RayExecutor, tiny: Mod
 
 
 # ---- faults --------------------------------------------------------------------------------------------------
+
+
+async def test_a_poll_reply_nobody_reads_loses_no_event() -> None:
+    """An executor that stops leaves its last poll running in the worker, which Ray does not cancel; the events
+    that poll takes must reach the next executor's polls too. In this process, without Ray: the actor class."""
+    worker = Worker(ModelSpec("tiny"), CONFIG)
+    await worker.submit(7, request(3), "alice")
+    unread = await worker.poll(CEILING)  # the stopped executor's poll: its reply goes nowhere
+    assert unread.events
+    received: list[Event] = []
+    seen = 0  # the next executor starts from nothing
+    async with asyncio.timeout(CEILING):
+        while not received or not isinstance(received[-1], Done):
+            report = await worker.poll(CEILING, seen)
+            received += [event for key, event in report.events if key == 7]
+            seen = report.last
+    assert [type(e) for e in received] == [Started, Step, Step, Done]
+    assert received[: len(unread.events)] == [event for _, event in unread.events]
+    assert (await worker.poll(0.0, seen)).events == []  # acknowledged: gone
 
 
 @pytest.mark.usefixtures("workers_threads")
