@@ -462,7 +462,7 @@ class Executor:
         running.job._emit(Step(step, total, preview(running.samples[0]) if show else None))
 
     def _finish_done(self) -> None:
-        done = [r for r in self._running if r.samples[0].done and not self._upscaled(r)]
+        done = [r for r in self._running if r.samples[0].done and not self._starts_hires_pass(r)]
         if not done:
             return
         for r in done:
@@ -479,9 +479,9 @@ class Executor:
                 r.plan.timings["denoise+decode"] = time.monotonic() - r.started_at
                 self._finisher.submit(self._finish, r, images)
 
-    def _upscaled(self, r: _Running) -> bool:
-        """Start the hires pass of a job whose first pass is done: True while it has steps to run, and also when
-        the upscale failed the job."""
+    def _starts_hires_pass(self, r: _Running) -> bool:
+        """For a job whose pass just ended: start its hires pass, if it has one still to come. True when it did, or
+        when the upscale failed the job: either way the job is not done."""
         if not r.plan.hires_steps:
             return False
         try:
