@@ -18,6 +18,8 @@ from bot.replies import Interaction
 
 Button = ui.Button[ui.View]
 Action = Literal["reroll", "vary", "upscale", "delete", "cancel"]
+ImageAction = Literal["vary", "upscale"]
+_IMAGE_ACTIONS: dict[str, tuple[int, str | None]] = {"vary": (0, None), "upscale": (1, "⏫")}  # row, emoji
 EVENT = "result_button"  # dispatched as on_result_button(interaction, action, gen_id, index)
 
 
@@ -44,36 +46,24 @@ class RerollButton(ui.DynamicItem[Button], template=r"gen:(?P<id>\d+):reroll"):
         await _pressed(interaction, "reroll", self.gen_id)
 
 
-class VaryButton(ui.DynamicItem[Button], template=r"gen:(?P<id>\d+):vary:(?P<index>\d)"):
-    """Image-to-image variations of image `index` of a result."""
+class ImageButton(ui.DynamicItem[Button], template=r"gen:(?P<id>\d+):(?P<action>vary|upscale):(?P<index>\d)"):
+    """An action on image `index` of a result: its variations (Vary, on the first row), or the image again through
+    the hires fix (Upscale, on the second). Either posts a new result."""
 
-    def __init__(self, gen_id: int, index: int, *, label: str = "Vary") -> None:
-        super().__init__(ui.Button(label=label, custom_id=f"gen:{gen_id}:vary:{index}", row=0))
+    def __init__(self, gen_id: int, action: ImageAction, index: int, *, label: str = "") -> None:
+        row, emoji = _IMAGE_ACTIONS[action]
+        super().__init__(ui.Button(label=label, emoji=emoji, custom_id=f"gen:{gen_id}:{action}:{index}", row=row))
         self.gen_id = gen_id
+        self.action = action
         self.index = index
 
     @classmethod
     async def from_custom_id(cls, interaction: Interaction, item: ui.Item[Any], match: re.Match[str], /) -> Self:
-        return cls(int(match["id"]), int(match["index"]))
+        action: ImageAction = "vary" if match["action"] == "vary" else "upscale"
+        return cls(int(match["id"]), action, int(match["index"]))
 
     async def callback(self, interaction: Interaction) -> None:
-        await _pressed(interaction, "vary", self.gen_id, self.index)
-
-
-class UpscaleButton(ui.DynamicItem[Button], template=r"gen:(?P<id>\d+):upscale:(?P<index>\d)"):
-    """Image `index` of a result through the hires fix, posted as a new result."""
-
-    def __init__(self, gen_id: int, index: int, *, label: str = "Upscale") -> None:
-        super().__init__(ui.Button(label=label, emoji="⏫", custom_id=f"gen:{gen_id}:upscale:{index}", row=1))
-        self.gen_id = gen_id
-        self.index = index
-
-    @classmethod
-    async def from_custom_id(cls, interaction: Interaction, item: ui.Item[Any], match: re.Match[str], /) -> Self:
-        return cls(int(match["id"]), int(match["index"]))
-
-    async def callback(self, interaction: Interaction) -> None:
-        await _pressed(interaction, "upscale", self.gen_id, self.index)
+        await _pressed(interaction, self.action, self.gen_id, self.index)
 
 
 class DeleteButton(ui.DynamicItem[Button], template=r"gen:(?P<id>\d+):delete"):
@@ -108,7 +98,7 @@ class CancelButton(ui.DynamicItem[Button], template=r"gen:(?P<id>\d+):cancel"):
         await _pressed(interaction, "cancel", self.gen_id)
 
 
-BUTTONS = (RerollButton, VaryButton, UpscaleButton, DeleteButton, CancelButton)
+BUTTONS = (RerollButton, ImageButton, DeleteButton, CancelButton)
 
 
 def progress_view(gen_id: int) -> ui.View:
@@ -121,14 +111,11 @@ def result_view(gen_id: int, count: int, *, upscaled: bool = False) -> ui.View:
     """Vary per image (V1…V4 when there are several), then Upscale per image (U1…U4) unless the result is upscaled
     already, then Reroll and Delete: a row each."""
     view = ui.View(timeout=None)
-    if count == 1:
-        view.add_item(VaryButton(gen_id, 0))
-    else:
-        for index in range(count):
-            view.add_item(VaryButton(gen_id, index, label=f"V{index + 1}"))
+    for index in range(count):
+        view.add_item(ImageButton(gen_id, "vary", index, label="Vary" if count == 1 else f"V{index + 1}"))
     if not upscaled:
         for index in range(count):
-            view.add_item(UpscaleButton(gen_id, index, label="Upscale" if count == 1 else f"U{index + 1}"))
+            view.add_item(ImageButton(gen_id, "upscale", index, label="Upscale" if count == 1 else f"U{index + 1}"))
     view.add_item(RerollButton(gen_id))
     view.add_item(DeleteButton(gen_id))
     return view

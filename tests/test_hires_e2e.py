@@ -58,7 +58,10 @@ async def test_imagine_with_hires_and_its_reroll(fake: FakeDiscord, tmp_path: Pa
 
 
 async def test_upscale_2_of_a_four_image_result_and_its_reroll(fake: FakeDiscord, tmp_path: Path, tiny: Model) -> None:
-    async with running(fake, models_config(tmp_path, fake, CONFIG, max_loaded=0)) as bot:
+    models_config(tmp_path, fake, CONFIG, max_loaded=0)
+    path = tmp_path / "config.toml"
+    path.write_text(path.read_text().replace("[defaults]\n", "[defaults]\nupscale = 1.5\n"))
+    async with running(fake, load_settings(path)) as bot:
         four = await result_of(await fake.slash_command("imagine", {"prompt": "a boat", "seed": 40, "count": 4}))
         gen_id = result_id(four) or 0
         assert [c for c in custom_ids(four) if ":upscale:" in c] == [f"gen:{gen_id}:upscale:{i}" for i in range(4)]
@@ -67,16 +70,16 @@ async def test_upscale_2_of_a_four_image_result_and_its_reroll(fake: FakeDiscord
         assert (await press.wait_callback()).type == 5  # thinking: a new message comes
         upscaled = await result_of(press)
         up_id = result_id(upscaled) or 0
-        assert up_id != gen_id and f"Image 2 of #{gen_id}, upscaled 2x." in upscaled.content
+        assert up_id != gen_id and f"Image 2 of #{gen_id}, upscaled 1.5x." in upscaled.content  # [defaults] upscale
         data = upscaled.attachments[0].data
-        assert pixels(data).shape == (128, 128, 3) and "Seed: 41" in _infotext(data)
+        assert pixels(data).shape == (96, 96, 3) and "Seed: 41" in _infotext(data)
         assert f"gen:{up_id}:reroll" in custom_ids(upscaled) and f"gen:{up_id}:vary:0" in custom_ids(upscaled)
 
         row = await bot.store.get(up_id)
         assert row is not None and (row.kind, row.parent_id, row.count, row.seed) == ("reroll", gen_id, 1, 41)
-        assert (row.hires_scale, row.hires_strength, row.hires_upscaler) == (2.0, 0.5, "latent")
+        assert (row.hires_scale, row.hires_strength, row.hires_upscaler) == (1.5, 0.5, "latent")
         # Image 2 of the four, alone and upscaled: what the engine draws for its seed
-        alone = GenerationRequest("a boat", steps=2, seed=41, hires_scale=2, model="tiny")
+        alone = GenerationRequest("a boat", steps=2, seed=41, hires_scale=1.5, model="tiny")
         assert np.array_equal(pixels(data), np.asarray(sdengine.generate(tiny, alone).images[0]))
         # ... whose first pass is image 2 itself
         first_pass = sdengine.generate(tiny, replace(alone, hires_scale=None)).images[0]
