@@ -43,7 +43,8 @@ from sdengine import GenerationRequest, Model
 from sdengine.compiling import compile_model
 from sdengine.executor import Executor, ExecutorConfig
 from sdengine.kernels import apply_kernels
-from sdengine.pipeline import MAX_COUNT, decode, denoise_step, prepare
+from sdengine.pipeline import decode, denoise_step, prepare
+from sdengine.request import MAX_COUNT
 from sdengine.schedulers import make_scheduler
 
 PROMPT = "a lighthouse on a cliff at dawn, oil painting"

@@ -29,7 +29,7 @@ from .lora import activate_unet
 from .loratags import parse_lora_tags
 from .models import Model
 from .prompts import encode_prompt_pair
-from .request import (  # the limits re-exported: bench/ and the config checks read them from here
+from .request import (
     HIRES_UPSCALERS,
     MAX_SEED,
     MAX_SIDE,
@@ -39,18 +39,6 @@ from .request import (  # the limits re-exported: bench/ and the config checks r
     Progress,
     ProgressCallback,
     hires_steps_run,
-)
-from .request import (
-    MAX_COUNT as MAX_COUNT,
-)
-from .request import (
-    MAX_GUIDANCE as MAX_GUIDANCE,
-)
-from .request import (
-    MAX_PROMPT_CHARS as MAX_PROMPT_CHARS,
-)
-from .request import (
-    MAX_STEPS as MAX_STEPS,
 )
 from .sampling import (
     Plan,

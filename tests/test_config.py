@@ -13,8 +13,7 @@ from hypothesis import strategies as st
 import sdengine
 from bot import config
 from bot.config import SCHEDULERS, ConfigError, Settings, load_settings
-from sdengine import pipeline
-from sdengine.request import MAX_HIRES_SCALE
+from sdengine import request as engine
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.toml"
 
@@ -272,13 +271,13 @@ def test_max_steps_loads_in_range_or_raises_config_error(
 def test_engine_limits_match_sdengine() -> None:
     """bot.config copies these to avoid importing torch; this catches the copies drifting."""
     assert config.SCHEDULERS == sdengine.SCHEDULERS
-    assert config.ENGINE_MAX_STEPS == pipeline.MAX_STEPS
-    assert config.ENGINE_MAX_SIDE == pipeline.MAX_SIDE
-    assert config.ENGINE_MAX_COUNT == pipeline.MAX_COUNT
-    assert config.ENGINE_MAX_GUIDANCE == pipeline.MAX_GUIDANCE
-    assert config.ENGINE_MAX_PROMPT_CHARS == pipeline.MAX_PROMPT_CHARS
+    assert config.ENGINE_MAX_STEPS == engine.MAX_STEPS
+    assert config.ENGINE_MAX_SIDE == engine.MAX_SIDE
+    assert config.ENGINE_MAX_COUNT == engine.MAX_COUNT
+    assert config.ENGINE_MAX_GUIDANCE == engine.MAX_GUIDANCE
+    assert config.ENGINE_MAX_PROMPT_CHARS == engine.MAX_PROMPT_CHARS
     assert tuple(sdengine.HIRES_UPSCALERS) == config.HIRES_UPSCALERS
-    assert config.ENGINE_MAX_HIRES_SCALE == MAX_HIRES_SCALE
+    assert config.ENGINE_MAX_HIRES_SCALE == engine.MAX_HIRES_SCALE
 
 
 def test_several_models_keep_their_order_and_default(tmp_path: Path) -> None:
