@@ -3,7 +3,7 @@
 Random weights with SD 1.5's exact shapes (no download), 512x512, fp16, DPM++ 2M Karras, guidance 7.5:
 - diffusers' `StableDiffusionPipeline` (SDPA attention, its default), the engine eager, the engine with the kernel
   settings (`channels_last` and `fuse_qkv`, what "auto" picks on CUDA), and the engine with those and
-  `compile = true` (its load-time warm-up included), at batch 1, 4, 8 and 16, for 20 and 50 steps;
+  `compile = true` (on CUDA with CUDA graphs, its default), at batch 1, 4, 8 and 16, for 20 and 50 steps;
 - columns: it/s (one guided UNet step of the whole batch is one iteration, timed from the end of the first step to
   the end of the last, as a progress bar counts), img/s (end to end: prompts, loop and VAE decode, without PNG
   encoding, as diffusers returns PIL images), peak VRAM (`torch.cuda.max_memory_allocated`; RSS on a CPU), and

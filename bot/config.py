@@ -59,6 +59,7 @@ class ModelSettings:
     dtype: str = "auto"
     memory: str = "auto"  # "fast", "low" (small GPUs) or "auto" (picked from free GPU memory)
     compile: bool = False  # torch.compile the UNet and the VAE decoder, warmed up at start
+    cuda_graphs: bool = True  # with compile on CUDA: the UNet replays CUDA graphs
     loras: str = ""  # a folder of LoRA .safetensors files, each an adapter named by its file stem; "" for none
     # Kernel settings (sdengine.kernels): true, false or "auto" (None here), which turns them on for CUDA only
     channels_last: bool | None = None
@@ -261,6 +262,7 @@ def _model_settings(model: Section, name: str = "") -> ModelSettings:
         dtype=model.choice("dtype", ModelSettings.dtype, DTYPES),
         memory=model.choice("memory", ModelSettings.memory, MEMORY_MODES),
         compile=model.flag("compile", ModelSettings.compile),
+        cuda_graphs=model.flag("cuda_graphs", ModelSettings.cuda_graphs),
         channels_last=model.auto_flag("channels_last", ModelSettings.channels_last),
         fuse_qkv=model.auto_flag("fuse_qkv", ModelSettings.fuse_qkv),
         loras=_lora_folder(model),

@@ -77,6 +77,7 @@ def model_spec(settings: Settings, model: ModelSettings) -> ModelSpec:
         model.loras,
         model.channels_last,
         model.fuse_qkv,
+        model.cuda_graphs,
     )
 
 
@@ -190,11 +191,16 @@ def _check_local(settings: Settings, say: Callable[[str], None]) -> None:
         model = pool.acquire(name, set())
         checker = "with" if model.safety_checker is not None else "without"
         which = repr(name) if name == model.name else f"{name!r} ({model.name!r})"
+        flags = {
+            "compiled": model.compiled,
+            "CUDA graphs": model.cuda_graphs,
+            "channels_last": model.channels_last,
+            "fused qkv": model.fused_qkv,
+        }
+        on = "".join(f", {flag}" for flag, is_on in flags.items() if is_on)
         say(
             f"model {which} loaded on {model.device} ({str(model.dtype).removeprefix('torch.')}, memory "
-            f"{model.memory}{', compiled' if model.compiled else ''}{', channels_last' if model.channels_last else ''}"
-            f"{', fused qkv' if model.fused_qkv else ''}, {checker} a safety checker) in "
-            f"{loaded + time.perf_counter() - started:.1f} s"
+            f"{model.memory}{on}, {checker} a safety checker) in {loaded + time.perf_counter() - started:.1f} s"
         )
         loaded = 0.0  # the load of all of them is counted once, on the first line
         started = time.perf_counter()

@@ -1,15 +1,24 @@
-"""`compile = true`: torch.compile the UNet and the VAE decoder when the model loads.
+"""`compile = true`: torch.compile the UNet and the VAE decoder when the model loads, and on CUDA replay the UNet
+as CUDA graphs.
 
 torch.compile compiles lazily, on the first call with a new shape, which takes from seconds (a GPU) to minutes (a
-CPU). So the load runs one warm-up generation at the model's native size, with guidance, and a user's first request
-of that shape finds the compiled code ready. Another size or batch compiles once, the first time it is seen (then
-torch marks that dimension dynamic, so later sizes reuse it).
+CPU). So the load runs two warm-up generations: the first compiles for its shapes; the second differs in batch,
+size and prompt length, so dynamo compiles once more with those dimensions dynamic. After that no request compiles
+(tests/test_compile.py proves it for a spread of requests).
+
+CUDA graphs (`cuda_graphs`, on by default, CUDA only): the UNet compiles in mode "reduce-overhead", which records
+each call shape as one CUDA graph and replays it, so that a step launches one graph rather than about a thousand
+kernels; at batch 1 on a fast GPU, launching is most of a step's time. Every call shape keeps a graph and its
+memory, so UNet calls are padded up to one of a few batch sizes (`GRAPH_ROWS`, in `predict_noise`). The VAE
+decoder runs once per picture and keeps plain compiled kernels.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 from .errors import ModelLoadError
 from .models import Model
@@ -19,27 +28,54 @@ from .request import GenerationRequest
 log = logging.getLogger(__name__)
 
 WARM_UP_STEPS = 2  # the timestep is a tensor input, so more steps would compile nothing more
+# UNet rows (two per image with guidance) of the graphs: 1, 2, 4, 6, 8, 12 and 16 guided images. A call is padded up
+# to the next one, which wastes at most a third of a call; past the last, calls run at their own size.
+GRAPH_ROWS = (2, 4, 8, 12, 16, 24, 32)
+# Without graphs only one row is padded (to 2): dynamo compiles a size of 1 again, as a special case.
+COMPILED_ROWS = (2,)
 
 
-def compile_model(model: Model, backend: str = "inductor") -> None:
-    """Compile the UNet and the VAE decoder in place, then generate once so that the compiler runs now.
+def warm_ups(model: Model) -> list[GenerationRequest]:
+    """The native size, one picture; then two pictures a little bigger, with a prompt of two 77-token chunks."""
+    size = model.native_size
+    bigger = size + 8 * model.latent_factor
+    return [
+        GenerationRequest("warm-up", steps=WARM_UP_STEPS, seed=0, width=size, height=size),
+        GenerationRequest("warm-up " * 80, steps=WARM_UP_STEPS, seed=0, count=2, width=bigger, height=bigger),
+    ]
+
+
+def compile_model(
+    model: Model,
+    backend: str = "inductor",
+    cuda_graphs: bool = True,
+    warm_up: Sequence[GenerationRequest] | None = None,
+) -> None:
+    """Compile the UNet and the VAE decoder in place, then run `warm_up` (default: `warm_ups(model)`) so that the
+    compiler runs now, not on a user's request.
 
     `backend="eager"` traces with dynamo but generates no code: a quick run of the same path, for smoke tests."""
-    size = model.native_size
+    graphs = cuda_graphs and model.device.type == "cuda"
+    requests = warm_ups(model) if warm_up is None else warm_up
     log.info(
-        "compiling the UNet and the VAE decoder of %r on %s; warm-up generation (%dx%d, %d steps) follows",
+        "compiling the UNet and the VAE decoder of %r on %s%s; warm-up generations to run: %d",
         model.name,
         model.device,
-        size,
-        size,
-        WARM_UP_STEPS,
+        " with CUDA graphs" if graphs else "",
+        len(requests),
     )
     started = time.perf_counter()
     try:
         # In place (nn.Module.compile), so model.unet keeps its class, config and dtype for all who read them.
-        model.unet.compile(backend=backend)
+        model.unet.compile(backend=backend, mode="reduce-overhead" if graphs else None)
         model.vae.decoder.compile(backend=backend)  # vae.decode = post_quant_conv + decoder: nearly all is the decoder
-        generate(model, GenerationRequest("warm-up", steps=WARM_UP_STEPS, seed=0, width=size, height=size))
+        model.unet_rows, model.cuda_graphs = (GRAPH_ROWS if graphs else COMPILED_ROWS), graphs
+        # torch keeps CUDA graphs per thread: those the warm-up records go when its thread ends, and the thread
+        # that generates later records its own.
+        with ThreadPoolExecutor(1, thread_name_prefix="sdengine-warm-up") as thread:
+            for i, request in enumerate(requests, 1):
+                thread.submit(generate, model, request).result()
+                log.info("warm-up %d of %d done at %.1f s", i, len(requests), time.perf_counter() - started)
     except Exception as exc:  # a missing C++ compiler, an unsupported op: the eager model would still work
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise ModelLoadError(f"torch.compile failed on {model.device} ({first}): set compile to false.") from exc

@@ -43,6 +43,7 @@ class ModelSpec:
     loras: str = ""  # a folder of LoRA .safetensors files; "" for none
     channels_last: bool | None = None  # None: auto, on for CUDA (sdengine.kernels)
     fuse_qkv: bool | None = None  # None: auto, on for CUDA (sdengine.kernels)
+    cuda_graphs: bool = True  # with compile on CUDA: the UNet replays CUDA graphs (sdengine.compiling)
 
 
 @dataclass(frozen=True)

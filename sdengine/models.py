@@ -63,6 +63,9 @@ class Model:
     pipeline_config: dict[str, Any] = field(default_factory=dict)
     memory: str = "fast"  # "fast" or "low", after "auto" is resolved; see MEMORY_MODES
     compiled: bool = False  # the UNet and the VAE decoder run through torch.compile (sdengine.compiling)
+    cuda_graphs: bool = False  # the compiled UNet replays CUDA graphs (sdengine.compiling)
+    # The row counts a UNet call is padded up to (a compiled UNet: a few shapes, each one CUDA graph); () for any.
+    unet_rows: tuple[int, ...] = ()
     channels_last: bool = False  # the UNet's and the VAE's weights are NHWC (sdengine.kernels)
     fused_qkv: bool = False  # their attention runs on fused q/k/v projections (sdengine.kernels)
     # (prompt, negative, text-encoder LoRAs) -> prompts.PromptEmbeddings, most recent last: rerolls and variations
@@ -148,6 +151,7 @@ def load_model(
     safety_checker: bool = True,
     memory: str = "auto",
     compile: bool = False,
+    cuda_graphs: bool = True,
     loras: str = "",
     channels_last: bool | None = None,
     fuse_qkv: bool | None = None,
@@ -157,8 +161,9 @@ def load_model(
     With `safety_checker`, a folder's (or hub snapshot's) `safety_checker/` and `feature_extractor/` are loaded too,
     when it has them; the built-in models and single files have none. `memory` is one of MEMORY_MODES. `loras` is
     a folder of LoRA .safetensors files, loaded as adapters (sdengine.lora). `compile` runs the UNet and the VAE
-    decoder through torch.compile, warmed up here rather than on a user's first request. `channels_last` and
-    `fuse_qkv` are sdengine.kernels' settings; None is auto (on for CUDA).
+    decoder through torch.compile, warmed up here rather than on a user's first request, and on CUDA replays the
+    UNet as CUDA graphs unless `cuda_graphs` is false. `channels_last` and `fuse_qkv` are sdengine.kernels'
+    settings; None is auto (on for CUDA).
     """
     if memory not in MEMORY_MODES:
         raise ModelLoadError(f"Unknown memory mode {memory!r}: use auto, fast or low.")
@@ -210,7 +215,7 @@ def load_model(
     if compile:
         from .compiling import compile_model  # imports the pipeline, which imports this module
 
-        compile_model(model)
+        compile_model(model, cuda_graphs=cuda_graphs)
     return model
 
 

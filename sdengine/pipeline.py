@@ -162,13 +162,21 @@ def predict_noise(model: Model, samples: list[Sample]) -> list[torch.Tensor]:
             rows = s.embeds.shape[0]  # 2 with guidance: [negative, positive]
             inputs.append(s.scheduler.scale_model_input(torch.cat([s.latents] * rows), t))
             times.append(t.float().expand(rows))
-        # (R, C, h, w), (R,), (R, T, D) -> (R, C, h, w), where each sample owns 1 or 2 rows
+        total = sum(len(i) for i in inputs)
+        to = padded_rows(model.unet_rows, total)
+        added = _added_rows(group)
+        if model.cuda_graphs:  # a new step: the last call's outputs (cloned below) may be written over
+            torch.compiler.cudagraph_mark_step_begin()  # type: ignore[no-untyped-call]
+        # (R', C, h, w), (R',), (R', T, D) -> (R', C, h, w): each sample owns 1 or 2 of the first R rows; the R' - R
+        # after them repeat the last, and their output is dropped
         noise = model.unet(
-            torch.cat(inputs),
-            torch.cat(times).to(model.device),
-            encoder_hidden_states=torch.cat([s.embeds for s in group]),
-            added_cond_kwargs=_added_rows(group),
-        ).sample
+            _pad(torch.cat(inputs), to),
+            _pad(torch.cat(times).to(model.device), to),
+            encoder_hidden_states=_pad(torch.cat([s.embeds for s in group]), to),
+            added_cond_kwargs={name: _pad(value, to) for name, value in added.items()} if added else None,
+        ).sample[:total]
+        if model.cuda_graphs:
+            noise = noise.clone()  # out of the graph's memory, which its next replay writes over
         row = 0
         for i, s in zip(indices, group, strict=True):
             pred = noise[row : row + s.embeds.shape[0]]
@@ -183,6 +191,18 @@ def predict_noise(model: Model, samples: list[Sample]) -> list[torch.Tensor]:
 def call_key(sample: Sample) -> tuple[Any, ...]:
     """Samples with equal keys may share a UNet call: the same adapters at the same weights, the same shapes."""
     return (sample.loras, *sample.latents.shape, sample.embeds.shape[1])
+
+
+def padded_rows(sizes: tuple[int, ...], rows: int) -> int:
+    """The smallest of `sizes` that holds `rows`; `rows` itself when none does."""
+    return min((size for size in sizes if size >= rows), default=rows)
+
+
+def _pad(rows: torch.Tensor, to: int) -> torch.Tensor:
+    """`rows` (R, ...) with its last row repeated up to (to, ...)."""
+    if len(rows) >= to:
+        return rows
+    return torch.cat([rows, rows[-1:].expand(to - len(rows), *rows.shape[1:])])
 
 
 def _added_rows(group: list[Sample]) -> dict[str, torch.Tensor] | None:

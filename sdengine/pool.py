@@ -36,6 +36,7 @@ def load_spec(spec: ModelSpec) -> Model:
         loras=spec.loras,
         channels_last=spec.channels_last,
         fuse_qkv=spec.fuse_qkv,
+        cuda_graphs=spec.cuda_graphs,
     )
 
 

@@ -56,6 +56,7 @@ def test_every_key_is_read(tmp_path: Path) -> None:
             dtype = "bf16"
             memory = "low"
             compile = true
+            cuda_graphs = false
             channels_last = true
             fuse_qkv = false
 
@@ -90,7 +91,7 @@ def test_every_key_is_read(tmp_path: Path) -> None:
     assert settings.discord.owner_ids == (444444444444444444,)
     assert settings.discord.nsfw_channels_only is True
     assert (settings.model.path, settings.model.device, settings.model.dtype) == ("tiny", "cuda:1", "bf16")
-    assert settings.model.memory == "low" and settings.model.compile is True
+    assert settings.model.memory == "low" and settings.model.compile is True and settings.model.cuda_graphs is False
     assert (settings.model.channels_last, settings.model.fuse_qkv) == (True, False)
     assert settings.storage.database == Path("data/bot.sqlite3")
     assert settings.defaults.steps == 30
@@ -150,6 +151,7 @@ def test_lower_max_steps_lowers_the_default_steps(tmp_path: Path) -> None:
         ("[model]\ndtype = 'int8'", "model.dtype", "one of auto, fp32, fp16, bf16"),
         ("[model]\nmemory = 'tiny'", "model.memory", "one of auto, fast, low"),
         ("[model]\ncompile = 'yes'", "model.compile", "true or false"),
+        ("[models.a]\npath = 'a'\ncuda_graphs = 'auto'", "models.a.cuda_graphs", "true or false"),
         ("[model]\nchannels_last = 'on'", "model.channels_last", "must be true, false or \"auto\", not 'on'"),
         ("[models.a]\npath = 'a'\nfuse_qkv = 1", "models.a.fuse_qkv", 'must be true, false or "auto", not 1'),
         ("[model]\npath = ''", "model.path", "non-empty"),

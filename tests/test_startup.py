@@ -191,8 +191,8 @@ async def test_check_reports_each_part_and_never_contacts_discord(
         (
             'path = "tiny"\nunknown = 1',
             2,
-            "sdbot: model.unknown: unknown key; [model] takes channels_last, compile, device, dtype, fuse_qkv, loras, "
-            "max_cost, max_side, memory, path",
+            "sdbot: model.unknown: unknown key; [model] takes channels_last, compile, cuda_graphs, device, dtype, "
+            "fuse_qkv, loras, max_cost, max_side, memory, path",
         ),
         ("database", 1, "sdbot: database '{db}' cannot be used (unable to open database file): check [storage]"),
         ('path = "tiny"\ndevice = "cuda"', 1, "sdbot: model 'tiny' cannot be loaded: CUDA is not available"),
