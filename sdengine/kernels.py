@@ -6,11 +6,11 @@ beyond float rounding (tests/test_kernels.py holds them to 1/255).
   contiguous: a convolution with an NHWC weight returns NHWC, so the first one converts them.
 - `fuse_qkv` concatenates each self-attention's query, key and value projections into one matrix (key and value
   for cross-attention): one bigger matmul instead of three small ones. diffusers keeps the separate projections
-  beside the fused one, so those weights take twice their memory: in fp16 about 110 MiB more for SD 1.5's UNet,
-  1.2 GiB for SDXL's (a quarter of its weights).
+  beside the fused one (in fp16 about 110 MiB for SD 1.5's UNet, 1.2 GiB for SDXL's); here they become views of
+  the fused matrix's rows, so fusing costs no memory and the separate ones still work for whatever calls them.
 
 `None` is "auto": on for CUDA, where both are known to help, and off elsewhere: on a CPU neither gained beyond noise
-(bench/kernel_settings.py, SD-1.5 shape at 256x256: 1.00x and 1.07x), and the fused copy costs memory.
+(bench/kernel_settings.py, SD-1.5 shape at 256x256: 1.00x and 1.07x).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import logging
 from typing import TYPE_CHECKING
 
 import torch
+from diffusers.models.attention_processor import Attention
 
 if TYPE_CHECKING:
     from .models import Model
@@ -47,6 +48,27 @@ def apply_kernels(model: Model, channels_last: bool | None = None, fuse_qkv: boo
         # Sliced attention replaces the fused processor (it calls to_q, to_k, to_v), so fusing would only add weights.
         log.info("fuse_qkv is off for %r: memory 'low' slices attention, which the fused weights cannot", model.name)
     else:
-        model.unet.fuse_qkv_projections()
-        model.vae.fuse_qkv_projections()
+        for part in (model.unet, model.vae):
+            part.fuse_qkv_projections()
+            _share_fused_weights(part)
         model.fused_qkv = True
+
+
+def _share_fused_weights(module: torch.nn.Module) -> None:
+    """Make each fused attention's separate projections views of its fused matrix: the same values, no copy."""
+    for attn in module.modules():
+        if not isinstance(attn, Attention) or not attn.fused_projections:
+            continue
+        # Self-attention fuses q, k, v (in that order, as rows); cross-attention fuses k and v, and keeps its q.
+        fused, parts = (
+            (attn.to_kv, [attn.to_k, attn.to_v])
+            if attn.is_cross_attention
+            else (attn.to_qkv, [attn.to_q, attn.to_k, attn.to_v])
+        )
+        row = 0
+        for linear in parts:
+            rows = slice(row, row + linear.out_features)
+            linear.weight = torch.nn.Parameter(fused.weight[rows], requires_grad=False)
+            if linear.bias is not None:
+                linear.bias = torch.nn.Parameter(fused.bias[rows], requires_grad=False)
+            row += linear.out_features

@@ -77,6 +77,24 @@ def test_each_setting_takes_effect_and_draws_what_the_plain_model_draws(
         assert _max_diff(generate(model, job).images[0], generate(plain, job).images[0]) <= MAX_DIFF
 
 
+def _weight_bytes(module: torch.nn.Module) -> int:
+    """The memory of a module's weights: each storage once, however many parameters view it."""
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in module.parameters()}
+    return sum(storages.values())
+
+
+def test_fusing_costs_no_memory_and_keeps_the_separate_projections(tiny: Model) -> None:
+    """diffusers keeps the separate q/k/v weights beside the fused ones; here they are views of the fused rows."""
+    fused = load_model("tiny", device="cpu", fuse_qkv=True)
+    for part, plain in ((fused.unet, tiny.unet), (fused.vae, tiny.vae)):
+        assert _is_fused(part)
+        assert _weight_bytes(part) == _weight_bytes(plain)
+        theirs = dict(plain.named_parameters())
+        for name, weight in part.named_parameters():
+            if name.rsplit(".", 2)[-2] in ("to_q", "to_k", "to_v"):
+                assert torch.equal(weight, theirs[name]), name
+
+
 def test_low_memory_keeps_attention_unfused(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="sdengine")
     model = load_model("tiny", device="cpu", memory="low", fuse_qkv=True)
