@@ -53,3 +53,12 @@ def cuda_max_batch(device: torch.device, models: Collection[ModelInfo]) -> int:
         BATCH_CEILING,
     )
     return batch
+
+
+def default_max_batch(device: torch.device, models: Collection[ModelInfo] = ()) -> int:
+    """The executor's first `max_batch`. On a CPU, memory bandwidth makes big batches slower than solo runs of
+    SD-sized models (see bench/throughput.py), so it runs solo; GPUs gain from batching: on CUDA, as many as its
+    free memory holds for the costliest of `models`, or 8 without models to go by."""
+    if device.type == "cuda" and models:
+        return cuda_max_batch(device, models)
+    return {"cuda": 8, "mps": 4}.get(device.type, 1)

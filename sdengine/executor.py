@@ -19,8 +19,9 @@ Scheduling, in short:
 
 Faults:
 - A UNet call that runs out of memory lowers `max_batch` below the images it held and is retried in smaller
-  calls; after `probe_after_steps` full steps without one, `max_batch` tries one image more, up to the
-  configured ceiling. Any other failed call is retried image by image, so only the culprit's job fails.
+  calls (sdengine.device_calls); after `probe_after_steps` full steps without one, `max_batch` tries one image
+  more, up to the configured ceiling. Any other failed call is retried image by image, so only the culprit's job
+  fails.
 - The worker is supervised: an unexpected exception fails the jobs running at that moment and the worker
   goes on. After `MAX_CRASHES` crashes in a row with no step done in between, or if the thread dies, the
   executor is down: queued jobs fail, `submit` raises `ExecutorDown` and `stats().down` says so.
@@ -29,7 +30,6 @@ Faults:
 from __future__ import annotations
 
 import asyncio
-import gc
 import itertools
 import logging
 import threading
@@ -37,12 +37,12 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 import torch
 from PIL import Image
 
-from .batching import cuda_max_batch
+from .batching import default_max_batch
+from .device_calls import DeviceCalls, engine_error
 from .errors import OutOfMemory, SDEngineError
 from .hires import upscale
 from .jobs import (
@@ -65,10 +65,10 @@ from .jobs import (
     Step,
 )
 from .models import Model
-from .pipeline import advance, call_key, finish, predict_noise, prepare, preview
+from .pipeline import advance, finish, prepare, preview
 from .pool import ModelPool
 from .request import GenerationRequest
-from .sampling import Plan, Sample, decode
+from .sampling import Plan, Sample
 
 __all__ = [
     "MAX_CRASHES",
@@ -87,7 +87,6 @@ __all__ = [
     "ShuttingDown",
     "Started",
     "Step",
-    "default_max_batch",
 ]
 
 log = logging.getLogger(__name__)
@@ -95,34 +94,6 @@ log = logging.getLogger(__name__)
 MAX_CRASHES = 3  # worker crashes in a row, with no step done in between, before the executor gives up
 MAX_PASSES = 4  # jobs of models on the device that may start ahead of one whose model must be brought there
 DOWN_MESSAGE = "The generator has stopped working: an admin must restart the bot."
-OUT_OF_MEMORY_MESSAGE = "The GPU ran out of memory for this request: lower the size or count."
-
-
-def default_max_batch(device: torch.device, models: ModelPool | None = None) -> int:
-    """Images per UNet call. On a CPU, memory bandwidth makes big batches slower than solo runs of SD-sized
-    models (see bench/throughput.py), so it runs solo; GPUs gain from batching: on CUDA, as many as its free
-    memory holds (sdengine.batching), or 8 without models to go by."""
-    if device.type == "cuda" and models is not None:
-        return cuda_max_batch(device, list(models.infos.values()))
-    return {"cuda": 8, "mps": 4}.get(device.type, 1)
-
-
-def _is_out_of_memory(exc: BaseException) -> bool:
-    """CUDA raises `torch.OutOfMemoryError`; MPS raises a plain `RuntimeError` that says "out of memory"."""
-    return isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc))
-
-
-def _engine_error(exc: BaseException) -> SDEngineError:
-    """The error a user sees: engine errors as they are, anything else as one plain sentence."""
-    if isinstance(exc, SDEngineError):
-        return exc
-    if _is_out_of_memory(exc):
-        return OutOfMemory(OUT_OF_MEMORY_MESSAGE)
-    return SDEngineError(f"The generator hit an internal error ({type(exc).__name__}): try again.")
-
-
-def _chunks(samples: list[Sample], size: int) -> list[list[Sample]]:
-    return [samples[i : i + size] for i in range(0, len(samples), size)]
 
 
 @dataclass
@@ -145,8 +116,8 @@ class Executor:
         self.pool = models if isinstance(models, ModelPool) else ModelPool.of(models)
         self.config = config or ExecutorConfig()
         self.device = self.pool.device
-        ceiling = self.config.max_batch or default_max_batch(self.device, self.pool)
-        self._limit = BatchLimit(ceiling, self.config.probe_after_steps)
+        ceiling = self.config.max_batch or default_max_batch(self.device, list(self.pool.infos.values()))
+        self._calls = DeviceCalls(self.device, BatchLimit(ceiling, self.config.probe_after_steps))
         self._lock = threading.Condition()
         self._queue = FairQueue()
         self._starting: deque[Job] = deque()  # admitted, not yet running: a crash must not lose them
@@ -169,7 +140,7 @@ class Executor:
     @property
     def max_batch(self) -> int:
         """Images per UNet call, as learned from out-of-memory errors."""
-        return self._limit.value
+        return self._calls.limit.value
 
     # ---- asyncio side -------------------------------------------------------------------------------
 
@@ -389,10 +360,10 @@ class Executor:
         """One denoising step for every running image, failing only the jobs whose images failed."""
         started = time.perf_counter()
         running = list(self._running)
-        ooms = self._limit.ooms
+        ooms = self._calls.limit.ooms
         predictions: dict[int, torch.Tensor | Exception] = {}
         for model in {id(r.model): r.model for r in running}.values():  # never two models in one UNet call
-            predictions |= self._predict_all(model, [s for r in running if r.model is model for s in r.samples])
+            predictions |= self._calls.predict_all(model, [s for r in running if r.model is model for s in r.samples])
         for r in running:
             noise = [predictions[id(s)] for s in r.samples]
             error = next((n for n in noise if isinstance(n, Exception)), None)
@@ -402,50 +373,11 @@ class Executor:
             else:
                 self._advance(r, [n for n in noise if isinstance(n, torch.Tensor)])
         images = sum(len(r.samples) for r in running)
-        if self._limit.ooms == ooms:
-            self._limit.quiet_step(images)
+        if self._calls.limit.ooms == ooms:
+            self._calls.limit.quiet_step(images)
         with self._lock:
             self._batch_size = images
             self._step_times.append(time.perf_counter() - started)
-
-    def _predict_all(self, model: Model, samples: list[Sample]) -> dict[int, torch.Tensor | Exception]:
-        """Each sample's noise prediction, or the error that stopped it, keyed by `id(sample)`.
-
-        Calls hold at most `max_batch` images of one shape. A call that runs out of memory lowers `max_batch`
-        and is retried in smaller calls; any other failed call is retried image by image to find the culprit.
-        """
-        by_shape: dict[tuple[Any, ...], list[Sample]] = {}
-        for s in samples:  # different LoRA adapters or weights never share a call
-            by_shape.setdefault(call_key(s), []).append(s)
-        pending = deque(call for group in by_shape.values() for call in _chunks(group, self.max_batch))
-        out: dict[int, torch.Tensor | Exception] = {}
-        while pending:
-            call = pending.popleft()
-            result = self._predict(model, call)
-            if isinstance(result, list):
-                self._limit.fitted(len(call))
-                out.update(zip(map(id, call), result, strict=True))
-            elif len(call) == 1:
-                out[id(call[0])] = result
-            elif isinstance(result, OutOfMemory):
-                self._free_memory()
-                self._limit.out_of_memory(len(call))
-                # Split the calls still waiting too: none of this step's calls may exceed the new limit.
-                pending = deque(c for waiting in [call, *pending] for c in _chunks(waiting, self.max_batch))
-            else:
-                pending.extendleft([s] for s in reversed(call))  # image by image, to find the culprit
-        return out
-
-    def _predict(self, model: Model, samples: list[Sample]) -> list[torch.Tensor] | Exception:
-        """Noise predictions of one call, or the error that stopped it. Changes no state."""
-        try:
-            return predict_noise(model, samples)
-        except Exception as exc:
-            if not _is_out_of_memory(exc):
-                return exc
-            log.warning("UNet call of %d images ran out of memory (max_batch %d)", len(samples), self.max_batch)
-        # Built outside the except block, so the traceback and the tensors it holds can be freed.
-        return OutOfMemory(OUT_OF_MEMORY_MESSAGE)
 
     def _advance(self, running: _Running, predictions: list[torch.Tensor]) -> None:
         try:
@@ -472,7 +404,8 @@ class Executor:
         for r in done:
             by_shape.setdefault((id(r.model), *r.samples[0].latents.shape), []).append(r)
         for group in by_shape.values():
-            for r, images in self._decode(group):
+            decoded = self._calls.decode_groups(group[0].model, [r.samples for r in group])
+            for r, images in zip(group, decoded, strict=True):
                 if isinstance(images, Exception):
                     self._fail(r.job, images)
                     continue
@@ -503,40 +436,13 @@ class Executor:
             self._completed += 1
         r.job._emit(Done(result))
 
-    def _decode(self, group: list[_Running]) -> list[tuple[_Running, list[Image.Image] | Exception]]:
-        """Decode the group in one call; if that fails, job by job to fail only the culprit."""
-        images = self._decode_samples(group[0].model, [s for r in group for s in r.samples])
-        if isinstance(images, Exception):
-            if len(group) == 1:
-                return [(group[0], images)]
-            return [pair for r in group for pair in self._decode([r])]
-        out: list[tuple[_Running, list[Image.Image] | Exception]] = []
-        start = 0
-        for r in group:
-            out.append((r, images[start : start + len(r.samples)]))
-            start += len(r.samples)
-        return out
-
-    def _decode_samples(self, model: Model, samples: list[Sample]) -> list[Image.Image] | Exception:
-        """VAE-decode in one call, or one image at a time if that runs out of memory."""
-        try:
-            return decode(model, samples)
-        except Exception as exc:
-            if len(samples) == 1 or not _is_out_of_memory(exc):
-                return exc
-        self._free_memory()
-        try:
-            return [image for s in samples for image in decode(model, [s])]
-        except Exception as exc:
-            return exc
-
     def _remove(self, running: _Running) -> None:
         with self._lock:
             if running in self._running:
                 self._running.remove(running)
 
     def _fail(self, job: Job, error: BaseException) -> None:
-        reported = _engine_error(error)
+        reported = engine_error(error)
         if isinstance(reported, OutOfMemory):
             log.warning("job %s ran out of memory", job.id)
         elif reported is not error:
@@ -544,10 +450,3 @@ class Executor:
         with self._lock:
             self._failed += 1
         job._emit(Failed(reported))
-
-    def _free_memory(self) -> None:
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        elif self.device.type == "mps":
-            torch.mps.empty_cache()

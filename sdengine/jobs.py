@@ -54,7 +54,7 @@ class JobTimeout(SDEngineError):
 
 @dataclass(frozen=True)
 class ExecutorConfig:
-    max_batch: int | None = None  # ceiling of images per UNet call; None: default_max_batch(device)
+    max_batch: int | None = None  # ceiling of images per UNet call; None: batching.default_max_batch(device)
     max_pending_per_owner: int = 3  # queued + running jobs of one owner
     max_queued: int = 50  # queued jobs of all owners
     job_timeout: float = 600.0  # seconds a job may run, queue time not counted

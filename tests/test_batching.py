@@ -7,8 +7,7 @@ import logging
 import pytest
 import torch
 
-from sdengine.batching import BATCH_CEILING, batch_for_memory, cuda_max_batch, per_image_bytes
-from sdengine.executor import default_max_batch
+from sdengine.batching import BATCH_CEILING, batch_for_memory, cuda_max_batch, default_max_batch, per_image_bytes
 from sdengine.info import ModelInfo, ModelSpec
 from sdengine.models import LOW_MEMORY_BELOW
 from sdengine.pool import ModelPool
@@ -45,15 +44,15 @@ def pool() -> ModelPool:
 
 
 def test_cpu_and_mps_keep_their_fixed_batch(pool: ModelPool) -> None:
-    assert default_max_batch(torch.device("cpu"), pool) == 1
-    assert default_max_batch(torch.device("mps"), pool) == 4
+    assert default_max_batch(torch.device("cpu"), pool.infos.values()) == 1
+    assert default_max_batch(torch.device("mps"), pool.infos.values()) == 4
     assert default_max_batch(torch.device("cuda")) == 8  # no models to go by
 
 
 def test_cuda_goes_by_the_costliest_model_of_the_pool(pool: ModelPool, monkeypatch: pytest.MonkeyPatch) -> None:
     # No GPU here: the one CUDA call answers what a card with 20 GiB free would.
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (20 * GIB, 80 * GIB))
-    assert default_max_batch(torch.device("cuda"), pool) == 5  # tiny-xl in fp32: 4 GiB an image
+    assert default_max_batch(torch.device("cuda"), pool.infos.values()) == 5  # tiny-xl in fp32: 4 GiB an image
 
 
 @pytest.mark.parametrize(
