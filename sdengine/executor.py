@@ -12,10 +12,8 @@ Scheduling, in short:
   drops finished, cancelled or timed-out ones. All running images then share UNet calls of at most
   `max_batch` images of one model and latent shape, each at its own timestep with its own scheduler
   (continuous batching).
-- Several models (a `ModelPool`): a job whose model is off the device (`max_loaded`) starts once it can be
-  brought there without pushing out a model that has jobs running. Until then, or while the next job would
-  push out a model that has queued work, jobs of models on the device go first, but at most `MAX_PASSES`
-  times ahead of it: fair, without swapping models at every job.
+- Several models (a `ModelPool`): jobs of models on the device may go ahead of one whose model must be brought
+  there, a few times at most (sdengine.admission).
 
 Faults:
 - A UNet call that runs out of memory lowers `max_batch` below the images it held and is retried in smaller
@@ -41,6 +39,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from PIL import Image
 
+from .admission import Admission
 from .batching import default_max_batch
 from .device_calls import DeviceCalls, engine_error
 from .errors import OutOfMemory, SDEngineError
@@ -92,7 +91,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MAX_CRASHES = 3  # worker crashes in a row, with no step done in between, before the executor gives up
-MAX_PASSES = 4  # jobs of models on the device that may start ahead of one whose model must be brought there
 DOWN_MESSAGE = "The generator has stopped working: an admin must restart the bot."
 
 
@@ -130,7 +128,7 @@ class Executor:
         self._failed = 0
         self._batch_size = 0
         self._step_times: deque[float] = deque(maxlen=20)
-        self._passes: dict[int, int] = {}  # job id -> jobs started ahead of it while its model was away
+        self._admission = Admission(self._queue, self.pool)
         # PNG encoding, infotext and the safety check of finished jobs run here, so that the worker thread does GPU
         # work only and the next step starts at once (at 8 images/s, PNGs alone would stall the GPU).
         self._finisher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sdengine-finish")
@@ -283,46 +281,13 @@ class Executor:
     # ---- worker thread: jobs -------------------------------------------------------------------------
 
     def _admit(self) -> list[Job]:
-        """Take queued jobs while the batch has room; a job runs whole, so an empty batch takes any job."""
-        admitted: list[Job] = []
+        if self._paused:
+            return []
         images = sum(len(r.samples) for r in self._running)
-        busy = {self._model_name(r.job) for r in self._running}
-        while (front := self._queue.front()) is not None and not self._paused:
-            job = self._next_job(front, busy)
-            if job is None or ((images or admitted) and images + job.request.count > self.max_batch):
-                break
-            self._queue.take(job)
-            if job is front:
-                self._passes.pop(front.id, None)
-            else:
-                self._passes[front.id] = self._passes.get(front.id, 0) + 1
-            images += job.request.count
-            admitted.append(job)
-            busy.add(self._model_name(job))
-            if not self.pool.on_device(self._model_name(job)):
-                break  # it is brought to the device when it starts: what else fits is known after that
-        if admitted:
-            self._queue.announce_positions()
-            queued = {job.id for job in self._queue.order()}
-            self._passes = {job_id: n for job_id, n in self._passes.items() if job_id in queued}
-        return admitted
-
-    def _next_job(self, front: Job, busy: set[str]) -> Job | None:
-        """The job to start next: the fair queue's `front`, unless its model is off the device and a job of a model
-        on the device may go ahead of it (see the module docstring); None to start nothing now."""
-        name = self._model_name(front)
-        if self.pool.on_device(name):
-            return front
-        if self._passes.get(front.id, 0) < MAX_PASSES:
-            ready = (job for job in self._queue.order() if self.pool.on_device(self._model_name(job)))
-            if (job := next(ready, None)) is not None:
-                return job
-        if self.pool.has_room_for(name, busy):
-            return front
-        return None  # its model waits until the running jobs of the one it will push out are done
+        return self._admission.admit(images, {self._model_name(r.job) for r in self._running}, self.max_batch)
 
     def _model_name(self, job: Job) -> str:
-        return job.request.model or self.pool.default
+        return self._admission.model_name(job)
 
     def _start(self, job: Job) -> None:
         started = time.monotonic()

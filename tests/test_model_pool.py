@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from sdengine import GenerationRequest, InvalidRequest, generate, load_model
-from sdengine.executor import MAX_PASSES, Executor, ExecutorConfig, Job, Loading, Started
+from sdengine.admission import MAX_PASSES
+from sdengine.executor import Executor, ExecutorConfig, Job, Loading, Started
 from sdengine.info import ModelSpec
 from sdengine.pool import ModelPool, PoolLoadError
 
