@@ -25,7 +25,7 @@ _IMAGES_IN_LOW_MEMORY = 4
 
 
 def per_image_bytes(kind: str, dtype: str = "float16") -> int:
-    """Memory one more image of a UNet call takes at the native size of a `kind` model (a key of models.KINDS),
+    """Memory one more image of a UNet call takes at the native size of a `kind` model (a key of model_files.KINDS),
     with its share of the VAE decode; fp32 (`dtype` as ModelInfo writes it) takes twice fp16's."""
     scale = 2 if dtype == "float32" else 1
     return LOW_MEMORY_BELOW[kind] // _IMAGES_IN_LOW_MEMORY * scale

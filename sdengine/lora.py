@@ -58,7 +58,7 @@ def load_adapters(model: Model, folder: str) -> None:
         except ModelLoadError:
             raise
         except Exception as exc:  # diffusers and peft raise many types on a damaged or mismatched file
-            from .models import KINDS
+            from .model_files import KINDS
 
             first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             raise ModelLoadError(

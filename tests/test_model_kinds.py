@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 
 from sdengine import GenerationRequest, Model, ModelLoadError, generate, load_model, read_parameters, save_model
 from sdengine.cli import main as cli_main
-from sdengine.models import checkpoint_kind, pick_device
+from sdengine.model_files import checkpoint_kind
+from sdengine.models import pick_device
 from sdengine.prompts import encode_prompt_pair
 from sdengine.tiny import build_components
 
