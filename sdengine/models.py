@@ -192,7 +192,10 @@ def load_model(
         model.channels_last,
         model.fused_qkv,
     )
-    if compile:
+    if compile and model.loras:
+        # Each LoRA and weight a request turns on is a new graph to dynamo: it would compile on users' requests.
+        log.warning("compile is off for %r: its LoRA adapters would make each request's LoRAs compile anew", source)
+    elif compile:
         from .compiling import compile_model  # imports the pipeline, which imports this module
 
         compile_model(model, cuda_graphs=cuda_graphs)

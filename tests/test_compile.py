@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from sdengine import GenerationRequest, Model, generate, load_model
 from sdengine.compiling import COMPILED_ROWS, GRAPH_ROWS, compile_model, warm_ups
 from sdengine.errors import ModelLoadError
 from sdengine.pipeline import padded_rows
+from tests.test_lora import lora_folder as lora_folder  # a fixture, shared
 from tests.test_parity import PROMPT, _max_diff
 
 MAX_DIFF = 2  # per channel, in /255 units; measured 1
@@ -102,6 +104,16 @@ def test_padded_unet_calls_draw_what_unpadded_calls_draw(name: str, tiny: Model)
         for a, b in zip(ours, theirs, strict=True):
             assert isinstance(a, Image.Image)
             assert _max_diff(a, b) <= 1
+
+
+def test_a_model_with_loras_stays_eager_and_says_why(
+    tiny_folder: Path, lora_folder: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """dynamo specializes on the adapters and weights that are on, so each request's LoRAs would compile anew."""
+    graphs = _unique_graphs()
+    model = load_model(str(tiny_folder), device="cpu", loras=str(lora_folder), compile=True)
+    assert not model.compiled and _unique_graphs() == graphs
+    assert f"compile is off for {str(tiny_folder)!r}: its LoRA adapters" in caplog.text
 
 
 def test_a_compile_that_fails_is_one_sentence(monkeypatch: pytest.MonkeyPatch) -> None:
