@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._common import random_model, step_bench_main, timed, unet_inputs
+from sdengine.compiling import inductor_options
 
 
 def bench(shape: str, size: int, repeats: int, device: str) -> None:
@@ -33,7 +34,7 @@ def bench(shape: str, size: int, repeats: int, device: str) -> None:
 
     with torch.inference_mode():
         eager()  # warm-up: lazy imports and allocator growth
-        unet.compile()
+        unet.compile(options=inductor_options(model.device))  # as `compile = true` does, without CUDA graphs
         compile_s = timed(compiled, model.device)
         times: dict[str, list[float]] = {"eager": [], "compiled": []}
         pair = [("eager", eager), ("compiled", compiled)]

@@ -6,7 +6,7 @@ CPU). So the load runs two warm-up generations: the first compiles for its shape
 size and prompt length, so dynamo compiles once more with those dimensions dynamic. After that no request compiles
 (tests/test_compile.py proves it for a spread of requests).
 
-CUDA graphs (`cuda_graphs`, on by default, CUDA only): the UNet compiles in mode "reduce-overhead", which records
+CUDA graphs (`cuda_graphs`, on by default, CUDA only): the UNet compiles as mode "reduce-overhead" does, which records
 each call shape as one CUDA graph and replays it, so that a step launches one graph rather than about a thousand
 kernels; at batch 1 on a fast GPU, launching is most of a step's time. Every call shape keeps a graph and its
 memory, so UNet calls are padded up to one of a few batch sizes (`GRAPH_ROWS`, in `predict_noise`). The VAE
@@ -19,6 +19,9 @@ import logging
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
 
 from .errors import ModelLoadError
 from .models import Model
@@ -33,6 +36,13 @@ WARM_UP_STEPS = 2  # the timestep is a tensor input, so more steps would compile
 GRAPH_ROWS = (2, 4, 8, 12, 16, 24, 32)
 # Without graphs only one row is padded (to 2): dynamo compiles a size of 1 again, as a special case.
 COMPILED_ROWS = (2,)
+
+
+def inductor_options(device: torch.device, cuda_graphs: bool = False) -> dict[str, Any]:
+    """`cuda_graphs` is mode "reduce-overhead". On a CPU, freezing folds the weights into the graph as constants and
+    prepacks them for oneDNN's convolutions and matmuls: without it, compiling made the SD-1.5-shaped UNet slower
+    than eager on a CPU (bench/compile.py)."""
+    return {"triton.cudagraphs": cuda_graphs, "freezing": device.type == "cpu"}
 
 
 def warm_ups(model: Model) -> list[GenerationRequest]:
@@ -67,8 +77,9 @@ def compile_model(
     started = time.perf_counter()
     try:
         # In place (nn.Module.compile), so model.unet keeps its class, config and dtype for all who read them.
-        model.unet.compile(backend=backend, mode="reduce-overhead" if graphs else None)
-        model.vae.decoder.compile(backend=backend)  # vae.decode = post_quant_conv + decoder: nearly all is the decoder
+        model.unet.compile(backend=backend, options=inductor_options(model.device, cuda_graphs=graphs))
+        # vae.decode = post_quant_conv + decoder: nearly all is the decoder
+        model.vae.decoder.compile(backend=backend, options=inductor_options(model.device))
         model.unet_rows, model.cuda_graphs = (GRAPH_ROWS if graphs else COMPILED_ROWS), graphs
         # torch keeps CUDA graphs per thread: those the warm-up records go when its thread ends, and the thread
         # that generates later records its own.
