@@ -40,7 +40,8 @@ from bot.output import DEFAULT_FILESIZE_LIMIT, Output
 from bot.preflight import executor_config, load_models, start_cluster
 from bot.render import File
 from bot.replies import BLOCKED, NO_PINGS, SORRY, Interaction, database_trouble, tell, user_message
-from bot.store import Generation, Received, Store
+from bot.rows import Generation, Received
+from bot.store import Store
 
 if TYPE_CHECKING:
     from sdengine.executor import Executor

@@ -30,7 +30,8 @@ from bot.output import Output
 from bot.policy import Policy
 from bot.replies import BLOCKED, SORRY, UserError, database_trouble
 from bot.requests import Requests, image_seed
-from bot.store import Generation, Kind, NewGeneration, Store
+from bot.rows import Generation, Kind, NewGeneration
+from bot.store import Store
 from sdengine.jobs import Job
 
 if TYPE_CHECKING:  # the executor modules load torch or Ray; the bot only holds one, made by the app

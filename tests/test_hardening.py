@@ -41,7 +41,8 @@ from bot.app import RECEIVED_NAMES
 from bot.cogs.variations import HIDDEN
 from bot.output import Output
 from bot.replies import plain
-from bot.store import NewGeneration, Received, Store
+from bot.rows import NewGeneration, Received
+from bot.store import Store
 from tests.botharness import (
     GatedUNet,
     Harness,

@@ -17,7 +17,7 @@ from bot.app import SDBot, receipt
 from bot.buttons import Action
 from bot.output import Output
 from bot.replies import BLOCKED, SORRY, Interaction, UserError, tell, user_message
-from bot.store import Generation
+from bot.rows import Generation
 
 log = logging.getLogger(__name__)
 
