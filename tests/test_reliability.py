@@ -25,7 +25,8 @@ import pytest_asyncio
 
 import sdengine
 from bench.load import run_load
-from bot.app import GIVEN_UP, STOPPING
+from bot.app import STOPPING
+from bot.recovery import GIVEN_UP
 from bot.rows import NewGeneration, Received
 from bot.store import Store
 from sdengine import Model
