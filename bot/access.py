@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bot.replies import Interaction
-from bot.store import Generation
+from bot.rows import Generation
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,7 @@ Shutdown (`close`): refuse new requests -> stop the executor after its current s
 running, and each user is told) -> let runs finish their bookkeeping -> mark what never finished as failed -> close
 the store -> disconnect.
 
-After a crash or `kill -9` nothing is lost. A generation that was queued or running runs again from its row with its
-stored parameters and seed, and shows its progress and result in a new message in its channel (the interaction's
-token may be dead by then). One that was started `MAX_ATTEMPTS` times may be what crashes the bot, at whatever stage
-(decoding its image, encoding its prompt, denoising): it is failed instead, with a message and a Reroll button. A
-command, button press or reply that was acknowledged but crashed before its row was written is found in the
-`received` table, and its user is asked to send it again.
+After a crash or `kill -9` nothing is lost: the interrupted work runs again, or its user is told (bot/recovery.py).
 
 Importing this module loads no torch: the executor is imported when the bot starts, and on the Ray backend the bot
 process never loads torch at all.
@@ -23,24 +18,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 import discord
-from discord import app_commands, ui
+from discord import app_commands
 from discord.ext import commands
 
 import sdengine
-from bot import render
-from bot.buttons import BUTTONS, rerun_view
+from bot.buttons import BUTTONS
 from bot.config import Settings
 from bot.generation import GenerationService
-from bot.output import DEFAULT_FILESIZE_LIMIT, Output
 from bot.preflight import executor_config, load_models, start_cluster
-from bot.render import File
+from bot.recovery import MAX_ATTEMPTS, ResumedOutput, receipt, tell_interrupted
 from bot.replies import BLOCKED, NO_PINGS, SORRY, Interaction, database_trouble, tell, user_message
-from bot.store import Generation, Received, Store
+from bot.rows import Received
+from bot.store import Store
 
 if TYPE_CHECKING:
     from sdengine.executor import Executor
@@ -60,35 +53,12 @@ EXTENSIONS = (
     "bot.cogs.admin",
 )
 
-# A generation started this many times (each start after a crash counts) is given up rather than run again.
-MAX_ATTEMPTS = 3
 # The commands that start a generation. Each is noted in the `received` table before the cog acknowledges it.
 GENERATION_COMMANDS = ("imagine", "reroll", "Make variations")
 # Seconds a command waits for that note to be written. It normally takes a millisecond; a database stuck longer
 # (locked, disk full) must not make the bot miss Discord's 3-second deadline, so the command then goes on without.
 RECEIPT_WAIT = 1.0
 STOPPING = "I am shutting down for a moment: try again in a minute."
-GIVEN_UP = f"The bot went down {MAX_ATTEMPTS} times while working on this request, so it was not run again."
-# How the `received` notes name what was lost, for the message that asks to send it again.
-RECEIVED_NAMES = {
-    "Make variations": "“Make variations”",
-    "reroll button": "🔄 Reroll",
-    "vary button": "Vary",
-    "reply": "reply",
-}
-
-
-def receipt(interaction: Interaction, command: str, prompt: str = "") -> Received:
-    """The `received` note of an interaction that starts a generation."""
-    return Received(
-        interaction_id=interaction.id,
-        user_id=interaction.user.id,
-        guild_id=interaction.guild_id,
-        channel_id=interaction.channel_id or 0,
-        command=command,
-        prompt=prompt[:200],
-        received_at=time.time(),
-    )
 
 
 def intents(message_content: bool = False) -> discord.Intents:
@@ -129,24 +99,6 @@ class Tree(app_commands.CommandTree["SDBot"]):
             command = interaction.command.qualified_name if interaction.command else "?"
             log.error("/%s failed for user %s", command, interaction.user.id, exc_info=original)
         await tell(interaction, sentence or SORRY)
-
-
-class ResumedOutput(Output):
-    """Where a generation resumed after a crash shows itself: new messages in its channel, each starting with a
-    line that says whose request it is (a mention that pings nobody: allowed_mentions is none)."""
-
-    def __init__(self, channel: discord.abc.Messageable, row: Generation) -> None:
-        super().__init__(
-            channel, channel_id=row.channel_id, guild_id=row.guild_id, filesize_limit=DEFAULT_FILESIZE_LIMIT
-        )
-        self.header = f"-# <@{row.user_id}>'s request from <t:{int(row.created_at)}:R>, run again after a bot restart"
-
-    async def show(
-        self, content: str, files: Sequence[File] = (), view: discord.ui.View | None = None, *, final: bool = False
-    ) -> discord.Message | None:
-        if len(self.header) + 1 + len(content) <= render.MAX_CONTENT:  # a long result keeps its text instead
-            content = f"{self.header}\n{content}"
-        return await super().show(content, files, view, final=final)
 
 
 class SDBot(commands.Bot):
@@ -237,7 +189,7 @@ class SDBot(commands.Bot):
             channel = self.get_partial_messageable(row.channel_id, guild_id=row.guild_id)
             self._spawn(self._generations.resume(row, ResumedOutput(channel, row)))
         if given_up or lost:
-            self._spawn(self._tell_interrupted(given_up, lost))
+            self._spawn(tell_interrupted(self, self.store, given_up, lost))
 
         for extension in EXTENSIONS:
             try:
@@ -335,39 +287,6 @@ class SDBot(commands.Bot):
 
     async def on_app_command_completion(self, interaction: Interaction, command: object) -> None:
         await self.forget_received(interaction.id)
-
-    async def _tell_interrupted(self, given_up: list[Generation], lost: list[Received]) -> None:
-        """Post, in their channels, what the last run could not finish and will not run again; each is marked in the
-        store only once its user is told, so a crash in between tells them again rather than never."""
-        for row in given_up:
-            await self._post(
-                row.channel_id,
-                row.guild_id,
-                f"**#{row.id}** · <@{row.user_id}>: the bot went down {MAX_ATTEMPTS} times while working on this "
-                "request, so it may be what brings it down and was not run again. 🔄 Reroll tries it with a new seed.",
-                rerun_view(row.id),
-            )
-            await self.store.mark_failed(row.id, GIVEN_UP)
-        for receipt in lost:
-            what = RECEIVED_NAMES.get(receipt.command, f"/{receipt.command}")
-            prompt = f" `{render.clip_escaped(render.one_line(receipt.prompt), 100)}`" if receipt.prompt else ""
-            await self._post(
-                receipt.channel_id,
-                receipt.guild_id,
-                f"<@{receipt.user_id}>: your {what}{prompt} was lost when the bot restarted before it started: "
-                "please send it again.",
-            )
-            await self.store.forget_received(receipt.interaction_id)
-
-    async def _post(self, channel_id: int, guild_id: int | None, content: str, view: ui.View | None = None) -> None:
-        channel = self.get_partial_messageable(channel_id, guild_id=guild_id)
-        try:
-            if view is None:
-                await channel.send(content, allowed_mentions=NO_PINGS)
-            else:
-                await channel.send(content, view=view, allowed_mentions=NO_PINGS)
-        except discord.HTTPException as exc:  # the channel is gone or the bot may no longer post there
-            log.warning("could not post in channel %s: %s", channel_id, exc)
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run `work` in the background; close() waits for it, and a failure is logged."""

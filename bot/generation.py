@@ -4,7 +4,8 @@
     -> progress edits -> result + buttons -> mark the row
 
 Every request gets its row before anything can go wrong, so a refused one is logged with its reason too; and it is
-refused before anything is downloaded, so a refusal costs nothing but that row.
+refused before anything is downloaded, so a refusal costs nothing but that row. Once queued, a job is followed to
+its end by `Delivery` (bot/delivery.py).
 """
 
 from __future__ import annotations
@@ -13,38 +14,31 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import discord
-from PIL import Image
 
 import sdengine
 from bot import render
 from bot.access import Place
-from bot.buttons import progress_view, result_view
 from bot.config import Settings
+from bot.delivery import Delivery, save
 from bot.download import Downloader, ImageSource, InitImage
 from bot.output import Output
-from bot.policy import Policy, black_out_flagged
-from bot.progress import Painter
-from bot.render import File
+from bot.policy import Policy
 from bot.replies import BLOCKED, SORRY, UserError, database_trouble
 from bot.requests import Requests, image_seed
-from bot.store import Generation, Kind, NewGeneration, Store
-from sdengine.jobs import Done, Failed, Job, JobCancelled, Loading, Queued, Started, Step
+from bot.rows import Generation, Kind, NewGeneration
+from bot.store import Store
+from sdengine.jobs import Job
 
 if TYPE_CHECKING:  # the executor modules load torch or Ray; the bot only holds one, made by the app
     from sdengine.executor import Executor
     from sdengine.ray_executor import RayExecutor
 
 log = logging.getLogger(__name__)
-
-# A status write that fails (the database locked past its busy_timeout, or the disk full) is tried this often, this
-# many seconds apart. The run goes on meanwhile: a row left unfinished is run again after the next restart.
-DB_TRIES = 3
-DB_RETRY_DELAY = 1.0
 
 
 @dataclass(frozen=True)
@@ -87,11 +81,10 @@ class GenerationService:
         self.settings = settings
         self.store = store
         self.executor = executor
-        self.models = models  # names and sizes: the Ray backend has no model in this process
         self.policy = Policy(settings, models)
         self.requests = Requests(settings, models)
         self.downloader = Downloader(settings.limits.max_image_bytes)
-        self.progress_interval = progress_interval
+        self.delivery = Delivery(settings, store, models, progress_interval=progress_interval)
         self.live: dict[int, LiveJob] = {}  # generation id -> its job, while queued or running
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -175,7 +168,7 @@ class GenerationService:
             except UserError as exc:
                 sentence = str(exc)
                 await output.reject(sentence)
-                await self._save(row.id, lambda: self.store.mark_failed(row.id, sentence))
+                await save(row.id, lambda: self.store.mark_failed(row.id, sentence))
                 return
             made = Place.of(row)
             # The cooldown cannot refuse it: at start-up no request has set one yet.
@@ -289,7 +282,7 @@ class GenerationService:
             try:
                 init = await self._init_image(gen_id, image, made)
             except sdengine.Cancelled:
-                await self._cancelled(gen_id, output)
+                await self.delivery.cancelled(gen_id, output)
                 return gen_id
             except UserError as exc:
                 problem = str(exc)
@@ -299,7 +292,7 @@ class GenerationService:
                     width, height = self.policy.image_size(init.width, init.height, request.model)
                 prompt = request.prompt or prompt_in_png(init.data)
                 request = replace(request, image=init.data, width=width, height=height, prompt=prompt)
-                await self._save(
+                await save(
                     gen_id,
                     lambda: self.store.attach_image(gen_id, init.data, width=width, height=height, prompt=prompt),
                 )
@@ -351,7 +344,7 @@ class GenerationService:
             sentence = str(exc)
             # The user first, the row after: a crash in between runs it again rather than leave them waiting.
             await output.reject(sentence)
-            await self._save(gen_id, lambda: self.store.mark_failed(gen_id, sentence))
+            await save(gen_id, lambda: self.store.mark_failed(gen_id, sentence))
             return
         if not resumed:  # a run resumed after a restart is no new request: it starts no cooldown
             self.policy.accepted(made.user_id)
@@ -360,125 +353,15 @@ class GenerationService:
         self.live[gen_id] = LiveJob(job, made)
         try:
             # A latent preview can show what the checker would black out: none where results are checked.
-            await self._follow(gen_id, job, output, notes, previews=not checked)
+            await self.delivery.follow(gen_id, job, output, notes, previews=not checked)
         except Exception:
             log.exception("#%d failed in the bot", gen_id)
             await output.show(f"**#{gen_id}** · {SORRY}", final=True)
-            await self._save(gen_id, lambda: self.store.mark_failed(gen_id, "internal error in the bot"))
+            await save(gen_id, lambda: self.store.mark_failed(gen_id, "internal error in the bot"))
         finally:
             del self.live[gen_id]
             if not job.finished:
                 job.cancel()
-
-    async def _follow(self, gen_id: int, job: Job, output: Output, notes: Sequence[str], *, previews: bool) -> None:
-        painter = Painter(output, progress_view(gen_id), self.progress_interval)
-        preview: list[File] = []
-        end: Done | Failed | JobCancelled | None = None
-        try:
-            async for event in job.events():
-                if isinstance(event, Queued):
-                    painter.paint(render.queued_text(gen_id, event.position, event.length), preview)
-                elif isinstance(event, Loading):
-                    painter.paint(render.loading_text(gen_id, event.model), preview)
-                elif isinstance(event, Started):
-                    # Only shown by /history: one try, so that a locked database does not hold up the progress.
-                    await self._save(gen_id, lambda: self.store.mark_running(gen_id), tries=1)
-                    painter.paint(render.started_text(gen_id, event.batch_size), preview)
-                elif isinstance(event, Step):
-                    if previews and isinstance(event.preview, Image.Image):
-                        preview = [(f"preview-{gen_id}.png", render.preview_png(event.preview))]
-                    painter.paint(render.step_text(gen_id, event.step, event.total), preview)
-                else:
-                    end = event
-        finally:
-            await painter.close()
-
-        if isinstance(end, Done):
-            await self._deliver(gen_id, job.request, end.result, output, notes)
-        elif isinstance(end, Failed):
-            reason = str(end.error)
-            log.info("#%d failed: %s", gen_id, reason)
-            await output.show(f"**#{gen_id}** · {reason}", final=True)  # the user first, as in _queue_and_follow
-            await self._save(gen_id, lambda: self.store.mark_failed(gen_id, reason))
-        elif isinstance(end, JobCancelled):
-            await self._cancelled(gen_id, output)
-
-    async def _cancelled(self, gen_id: int, output: Output) -> None:
-        log.info("#%d cancelled", gen_id)
-        await self._save(gen_id, lambda: self.store.mark_cancelled(gen_id))
-        await output.show(f"**#{gen_id}** · cancelled.", final=True)
-
-    async def _deliver(
-        self,
-        gen_id: int,
-        request: sdengine.GenerationRequest,
-        result: sdengine.GenerationResult,
-        output: Output,
-        notes: Sequence[str],
-    ) -> None:
-        pictures, pngs, safety_notes = await asyncio.to_thread(black_out_flagged, result)
-        if safety_notes:
-            log.info("#%d: the safety checker flagged images %s", gen_id, [i for i, f in enumerate(result.nsfw) if f])
-        images = [(render.image_name(gen_id, i), data) for i, data in enumerate(pngs)]
-        grid: list[File] = []
-        if len(images) > 1:
-            grid = [(render.grid_name(gen_id), await asyncio.to_thread(_grid_png, pictures))]
-        # The single images carry their parameters and feed the Vary buttons, so they go first when room is short.
-        kept, dropped = render.fit_files([*images, *grid], output.filesize_limit)
-        kept.sort(key=lambda file: file not in grid)
-        notes = [*notes, *result.notices, *safety_notes]
-        width, height = result.width, result.height
-        if request.hires_scale is not None:  # the row keeps the first pass's size, which a reroll asks for again
-            native = self.models[request.model or self.settings.model.label].native_size
-            width, height = request.width or native, request.height or native
-            upscaler = sdengine.HIRES_UPSCALERS[request.hires_upscaler]
-            notes.append(f"Hires fix {request.hires_scale:g}x from {width}x{height} ({upscaler}).")
-        if dropped:
-            notes.append(
-                f"{len(dropped)} of the files did not fit Discord's upload limit and were left out: "
-                f"/reroll {gen_id} draws them again."
-            )
-        content = render.result_text(
-            gen_id,
-            request.prompt,
-            seeds=result.seeds,
-            width=result.width,
-            height=result.height,
-            steps=request.steps,
-            scheduler=result.scheduler,
-            notes=notes,
-        )
-        view = result_view(gen_id, len(result.pngs), upscaled=request.hires_scale is not None)
-        message = await output.show(content, kept, view, final=True)
-        if message is None:  # nowhere to show it: the row must not claim it was delivered
-            reason = f"The picture was made but could not be posted: /reroll {gen_id} draws it again."
-            await self._save(gen_id, lambda: self.store.mark_failed(gen_id, reason))
-            return
-        await self._save(
-            gen_id,
-            lambda: self.store.mark_done(
-                gen_id,
-                seeds=result.seeds,
-                width=width,
-                height=height,
-                timings=result.timings,
-                notices=[*result.notices, *safety_notes],
-                message_id=message.id,
-            ),
-        )
-        log.info("#%d done: seeds %s in %s", gen_id, result.seeds, result.timings)
-
-    async def _save(self, gen_id: int, write: Callable[[], Awaitable[object]], *, tries: int = DB_TRIES) -> None:
-        """A status write that must not end the run: a database error is retried, then logged. A row it leaves
-        unfinished runs again after the next restart (at worst, a result posted twice; never one lost)."""
-        for attempt in range(1, tries + 1):
-            try:
-                await write()
-                return
-            except sqlite3.Error as exc:
-                log.warning("#%d: could not update its row (try %d of %d): %s", gen_id, attempt, tries, exc)
-            if attempt < tries:
-                await asyncio.sleep(DB_RETRY_DELAY)  # a pause between tries, not a wait for something
 
     @contextlib.contextmanager
     def _tracked(self) -> Iterator[None]:
@@ -497,10 +380,6 @@ class GenerationService:
         tasks = {task for task in self._tasks if task is not asyncio.current_task()}
         if tasks:
             await asyncio.wait(tasks, timeout=timeout)
-
-
-def _grid_png(images: Sequence[Image.Image]) -> bytes:
-    return render.png(render.grid(images))
 
 
 def _int64(number: int) -> int:

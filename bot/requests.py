@@ -13,7 +13,7 @@ from dataclasses import replace
 import sdengine
 from bot.config import Settings
 from bot.replies import UserError
-from bot.store import Generation
+from bot.rows import Generation
 from sdengine.loratags import parse_lora_tags, without_loras
 
 

@@ -15,117 +15,20 @@ import json
 import logging
 import sqlite3
 import time
-from dataclasses import astuple, dataclass, field, fields, replace
+from dataclasses import astuple, fields, replace
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Self
 
 import aiosqlite
 
 from bot.migrations import StoreError as StoreError  # re-exported: callers catch it from here
 from bot.migrations import migrate
+from bot.rows import AdminAction, BlockedUser, Generation, NewGeneration, Received, Status
 
 log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_MS = 5000  # how long a statement waits for another process's lock
-
-Kind = Literal["imagine", "variation", "reroll"]
-Status = Literal["queued", "running", "done", "failed", "cancelled"]
-UNFINISHED: tuple[Status, ...] = ("queued", "running")
-
-
-@dataclass(frozen=True)
-class BlockedUser:
-    user_id: int
-    blocked_by: int
-    reason: str
-    created_at: float
-
-
-@dataclass(frozen=True)
-class AdminAction:
-    id: int
-    actor_id: int
-    action: str
-    target: int | None
-    detail: str
-    guild_id: int | None
-    created_at: float
-
-
-@dataclass(frozen=True, kw_only=True)
-class NewGeneration:
-    """What the bot knows about a request when it logs it as queued."""
-
-    kind: Kind
-    user_id: int
-    channel_id: int
-    prompt: str
-    negative: str
-    scheduler: str
-    steps: int
-    guidance: float
-    model: str
-    guild_id: int | None = None
-    interaction_id: int | None = None
-    source_id: int | None = None  # the interaction or message that asked for it
-    width: int | None = None
-    height: int | None = None
-    count: int = 1
-    strength: float | None = None
-    seed: int | None = None
-    init_image: bytes | None = field(default=None, repr=False)
-    parent_id: int | None = None
-    hires_scale: float | None = None  # the hires fix; None: none
-    hires_strength: float | None = None
-    hires_steps: int | None = None  # None: the first pass's steps
-    hires_upscaler: str | None = None
-
-
-@dataclass(frozen=True)
-class Generation:
-    """One row of the log."""
-
-    id: int
-    kind: Kind
-    user_id: int
-    guild_id: int | None
-    channel_id: int
-    interaction_id: int | None
-    message_id: int | None
-    prompt: str
-    negative: str
-    scheduler: str
-    steps: int
-    guidance: float
-    width: int | None
-    height: int | None
-    count: int
-    strength: float | None
-    seed: int | None
-    seeds: list[int]
-    model: str
-    init_image: bytes | None = field(repr=False)
-    parent_id: int | None
-    status: Status
-    reason: str | None
-    created_at: float
-    started_at: float | None
-    finished_at: float | None
-    timings: dict[str, float]
-    notices: list[str]
-    attempts: int = 1
-    source_id: int | None = None
-    image_pruned: bool = False
-    hires_scale: float | None = None
-    hires_strength: float | None = None
-    hires_steps: int | None = None
-    hires_upscaler: str | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.status not in UNFINISHED
-
 
 # Column lists come from the dataclasses, never from input, so the SQL built from them stays fixed.
 _COLUMNS = ", ".join(f.name for f in fields(Generation))
@@ -434,19 +337,6 @@ class Store:
             " ORDER BY interaction_id"
         )
         return [Received(*row) for row in rows]
-
-
-@dataclass(frozen=True)
-class Received:
-    """A command, button press or reply the bot acknowledged, noted before its generation row exists."""
-
-    interaction_id: int  # or, for a reply, its message id
-    user_id: int
-    guild_id: int | None
-    channel_id: int
-    command: str
-    prompt: str
-    received_at: float
 
 
 def _fits_sqlite(number: int) -> bool:

@@ -30,7 +30,8 @@ from PIL import Image
 
 from bot.app import SDBot
 from bot.config import Settings, load_settings
-from bot.store import Generation, Store
+from bot.rows import Generation
+from bot.store import Store
 from sdengine import Model
 from tests.fakediscord import FakeDiscord, FakeInteraction, FakeMessage, run_client
 

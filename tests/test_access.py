@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from bot.access import Actor, Place, may_moderate, may_rerun
-from bot.store import NewGeneration
+from bot.rows import NewGeneration
 from tests.botharness import Harness, custom_ids, fake_fixture, harness_fixture, png, result_id
 
 __all__ = ["fake_fixture", "harness_fixture"]  # fixtures used by name

@@ -15,7 +15,7 @@ import pytest
 import sdengine
 from bot.__main__ import main
 from bot.cogs.results import NOT_YOURS
-from bot.store import NewGeneration
+from bot.rows import NewGeneration
 from tests.botharness import (
     Harness,
     custom_ids,

@@ -37,11 +37,12 @@ from aiohttp import web
 from PIL import Image
 
 from bot import output as output_module
-from bot.app import RECEIVED_NAMES
 from bot.cogs.variations import HIDDEN
 from bot.output import Output
+from bot.recovery import RECEIVED_NAMES
 from bot.replies import plain
-from bot.store import NewGeneration, Received, Store
+from bot.rows import NewGeneration, Received
+from bot.store import Store
 from tests.botharness import (
     GatedUNet,
     Harness,

@@ -25,8 +25,10 @@ import pytest_asyncio
 
 import sdengine
 from bench.load import run_load
-from bot.app import GIVEN_UP, STOPPING
-from bot.store import NewGeneration, Received, Store
+from bot.app import STOPPING
+from bot.recovery import GIVEN_UP
+from bot.rows import NewGeneration, Received
+from bot.store import Store
 from sdengine import Model
 from tests.botharness import GatedUNet, Harness, custom_ids, fake_fixture, result_id, write_settings
 from tests.botprocess import BotProcess, bot_config

@@ -14,7 +14,8 @@ import pytest
 
 from bot import migrations as store_module
 from bot.migrations import MIGRATIONS
-from bot.store import Generation, NewGeneration, Store, StoreError
+from bot.rows import Generation, NewGeneration
+from bot.store import Store, StoreError
 
 SNOWFLAKE = 1_234_567_890_123_456_789  # a realistic Discord id, above 2**53
 

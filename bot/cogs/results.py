@@ -13,11 +13,12 @@ from discord.ext import commands
 
 import sdengine
 from bot.access import Actor, Place, may_moderate, may_rerun
-from bot.app import SDBot, receipt
+from bot.app import SDBot
 from bot.buttons import Action
 from bot.output import Output
+from bot.recovery import receipt
 from bot.replies import BLOCKED, SORRY, Interaction, UserError, tell, user_message
-from bot.store import Generation
+from bot.rows import Generation
 
 log = logging.getLogger(__name__)
 

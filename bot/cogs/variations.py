@@ -22,7 +22,7 @@ from bot.app import SDBot
 from bot.download import ImageSource, embed_url
 from bot.output import Output
 from bot.replies import SORRY, Interaction, UserError
-from bot.store import Generation, Received
+from bot.rows import Generation, Received
 
 log = logging.getLogger(__name__)
 
