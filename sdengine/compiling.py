@@ -15,6 +15,7 @@ decoder runs once per picture and keeps plain compiled kernels.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -38,11 +39,13 @@ GRAPH_ROWS = (2, 4, 8, 12, 16, 24, 32)
 COMPILED_ROWS = (2,)
 
 
-def inductor_options(device: torch.device, cuda_graphs: bool = False) -> dict[str, Any]:
-    """`cuda_graphs` is mode "reduce-overhead". On a CPU, freezing folds the weights into the graph as constants and
-    prepacks them for oneDNN's convolutions and matmuls: without it, compiling made the SD-1.5-shaped UNet slower
-    than eager on a CPU (bench/compile.py)."""
-    return {"triton.cudagraphs": cuda_graphs, "freezing": device.type == "cpu"}
+def freezing(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """On a CPU, inductor's freezing for the compiles inside: the weights become constants of the graph, prepacked
+    for oneDNN's convolutions and matmuls. Without it, compiling made the SD-1.5-shaped UNet slower than eager on a
+    CPU (bench/compile.py). Dynamo reads the setting while it traces, on the first call, so it is set around that
+    call rather than passed to compile; and it holds in this thread only (torch keeps such settings per context)."""
+    patch: contextlib.AbstractContextManager[Any] = torch._inductor.config.patch(freezing=device.type == "cpu")
+    return patch
 
 
 def warm_ups(model: Model) -> list[GenerationRequest]:
@@ -77,18 +80,22 @@ def compile_model(
     started = time.perf_counter()
     try:
         # In place (nn.Module.compile), so model.unet keeps its class, config and dtype for all who read them.
-        model.unet.compile(backend=backend, options=inductor_options(model.device, cuda_graphs=graphs))
-        # vae.decode = post_quant_conv + decoder: nearly all is the decoder
-        model.vae.decoder.compile(backend=backend, options=inductor_options(model.device))
+        model.unet.compile(backend=backend, mode="reduce-overhead" if graphs else None)
+        model.vae.decoder.compile(backend=backend)  # vae.decode = post_quant_conv + decoder: nearly all is the decoder
         model.unet_rows, model.cuda_graphs = (GRAPH_ROWS if graphs else COMPILED_ROWS), graphs
         # torch keeps CUDA graphs per thread: those the warm-up records go when its thread ends, and the thread
         # that generates later records its own.
         with ThreadPoolExecutor(1, thread_name_prefix="sdengine-warm-up") as thread:
             for i, request in enumerate(requests, 1):
-                thread.submit(generate, model, request).result()
+                thread.submit(_warm_up, model, request).result()
                 log.info("warm-up %d of %d done at %.1f s", i, len(requests), time.perf_counter() - started)
     except Exception as exc:  # a missing C++ compiler, an unsupported op: the eager model would still work
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise ModelLoadError(f"torch.compile failed on {model.device} ({first}): set compile to false.") from exc
     model.compiled = True
     log.info("compiled %r: warm-up done in %.1f s", model.name, time.perf_counter() - started)
+
+
+def _warm_up(model: Model, request: GenerationRequest) -> None:
+    with freezing(model.device):
+        generate(model, request)

@@ -31,6 +31,7 @@ def _unique_graphs() -> int:
     return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
 
+@pytest.mark.slow  # about a minute: inductor's frozen graphs skip its cache (prepacked weights do not pickle)
 def test_compiled_tiny_is_warmed_up_at_load_and_draws_what_eager_draws(
     tiny: Model, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -44,6 +45,8 @@ def test_compiled_tiny_is_warmed_up_at_load_and_draws_what_eager_draws(
 
     graphs = _unique_graphs()
     assert graphs >= 2  # the UNet's and the decoder's, at least: the compiler did run
+    if torch.backends.mkldnn.is_available():  # frozen: the convolutions' weights were prepacked for oneDNN
+        assert torch._dynamo.utils.counters["inductor"]["mkldnn_conv_weight_pack_matcher_count"] > 0
     request = GenerationRequest(PROMPT, negative="blurry", steps=3, seed=11)  # the warm-up's shapes, another prompt
     ours = generate(compiled, request).images[0]
     assert _unique_graphs() == graphs  # the request compiled nothing

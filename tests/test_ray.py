@@ -242,6 +242,7 @@ async def test_a_killed_worker_s_job_runs_again_elsewhere_with_the_same_pixels(
     assert pid not in {w.pid for w in executor._workers}
 
 
+@pytest.mark.slow
 async def test_three_deaths_fail_the_job_and_no_worker_alive_refuses_at_once(cluster: Cluster) -> None:
     lone = start_cluster("local", 1, 0, ModelSpec("tiny"), CONFIG)
     executor = RayExecutor(lone, CONFIG, poll_wait=2.0)
