@@ -2,9 +2,9 @@
 as CUDA graphs.
 
 torch.compile compiles lazily, on the first call with a new shape, which takes from seconds (a GPU) to minutes (a
-CPU). So the load runs two warm-up generations: the first compiles for its shapes; the second differs in batch,
-size and prompt length, so dynamo compiles once more with those dimensions dynamic. After that no request compiles
-(tests/test_compile.py proves it for a spread of requests).
+CPU). So the load runs warm-up generations (`warm_ups`) until the batch, the size and the prompt length are dynamic
+dimensions of every graph; after that no request compiles (tests/test_compile.py proves it for a spread of
+requests).
 
 CUDA graphs (`cuda_graphs`, on by default, CUDA only): the UNet compiles as mode "reduce-overhead" does, which records
 each call shape as one CUDA graph and replays it, so that a step launches one graph rather than about a thousand
@@ -49,12 +49,15 @@ def freezing(device: torch.device) -> contextlib.AbstractContextManager[Any]:
 
 
 def warm_ups(model: Model) -> list[GenerationRequest]:
-    """The native size, one picture; then two pictures a little bigger, with a prompt of two 77-token chunks."""
+    """Three generations: one picture at the native size; two pictures a little bigger, with a prompt of two 77-token
+    chunks (dynamo then makes the batch, the size and the prompt length dynamic); one picture at that bigger size,
+    because dynamo keeps a batch of one apart (it specializes sizes of 1), so that its size becomes dynamic too."""
     size = model.native_size
     bigger = size + 8 * model.latent_factor
     return [
         GenerationRequest("warm-up", steps=WARM_UP_STEPS, seed=0, width=size, height=size),
         GenerationRequest("warm-up " * 80, steps=WARM_UP_STEPS, seed=0, count=2, width=bigger, height=bigger),
+        GenerationRequest("warm-up", steps=WARM_UP_STEPS, seed=0, width=bigger, height=bigger),
     ]
 
 

@@ -18,7 +18,6 @@ from PIL import Image
 
 from bot.__main__ import main
 from sdengine import GenerationRequest, Model, generate, load_model
-from sdengine.compiling import compile_model
 from tests.test_lora import lora_folder as lora_folder  # a fixture, shared
 from tests.test_parity import PROMPT, _max_diff
 from tests.test_startup import write_config
@@ -116,16 +115,6 @@ def test_a_model_with_loras_keeps_attention_unfused_so_they_still_apply(
     with_lora = generate(asked, job).images[0]
     assert _max_diff(with_lora, generate(plain, job).images[0]) <= MAX_DIFF
     assert _max_diff(with_lora, generate(asked, GenerationRequest(PROMPT, steps=3, seed=11)).images[0]) > MAX_DIFF
-
-
-def test_the_compiled_graph_runs_with_both_settings(tiny: Model) -> None:
-    """load_model applies them before compile_model, whose dynamo trace then goes through the fused attention and
-    the NHWC weights (backend "eager": the same trace without inductor's minutes on a CPU)."""
-    model = load_model("tiny", device="cpu", channels_last=True, fuse_qkv=True)
-    compile_model(model, backend="eager", warm_up=())  # the request below traces it
-    assert model.compiled and _is_fused(model.unet) and _is_channels_last(model.unet)
-    job = REQUESTS[0]
-    assert _max_diff(generate(model, job).images[0], generate(tiny, job).images[0]) <= MAX_DIFF
 
 
 def test_the_config_keys_reach_the_engine(
