@@ -26,7 +26,7 @@ import torch
 
 from .errors import ModelLoadError
 from .models import Model
-from .pipeline import generate
+from .pipeline import generate, predict_noise, prepare
 from .request import GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -40,18 +40,19 @@ COMPILED_ROWS = (2,)
 
 
 def freezing(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """On a CPU, inductor's freezing for the compiles inside: the weights become constants of the graph, prepacked
-    for oneDNN's convolutions and matmuls. Without it, compiling made the SD-1.5-shaped UNet slower than eager on a
-    CPU (bench/compile.py). Dynamo reads the setting while it traces, on the first call, so it is set around that
-    call rather than passed to compile; and it holds in this thread only (torch keeps such settings per context)."""
+    """On a CPU, inductor's freezing for the compiles inside (the UNet's): the weights become constants of the graph,
+    prepacked for oneDNN's convolutions and matmuls. Without it, compiling made the SD-1.5-shaped UNet slower than
+    eager on a CPU (bench/compile.py). Dynamo reads the setting while it traces, on the first call, so it is set
+    around that call rather than passed to compile; and it holds in this thread only (torch keeps such settings per
+    context)."""
     patch: contextlib.AbstractContextManager[Any] = torch._inductor.config.patch(freezing=device.type == "cpu")
     return patch
 
 
 def warm_ups(model: Model) -> list[GenerationRequest]:
-    """Three generations: one picture at the native size; two pictures a little bigger, with a prompt of two 77-token
-    chunks (dynamo then makes the batch, the size and the prompt length dynamic); one picture at that bigger size,
-    because dynamo keeps a batch of one apart (it specializes sizes of 1), so that its size becomes dynamic too."""
+    """Three generations: one picture at the native size; two pictures a little bigger, with a prompt longer than one
+    77-token window (dynamo then makes the batch, the size and the prompt length dynamic); one picture at that bigger
+    size, because dynamo keeps a batch of one apart (it specializes sizes of 1), so that its size becomes dynamic."""
     size = model.native_size
     bigger = size + 8 * model.latent_factor
     return [
@@ -100,5 +101,8 @@ def compile_model(
 
 
 def _warm_up(model: Model, request: GenerationRequest) -> None:
+    """The request's UNet calls first, frozen on a CPU; then the whole generation, whose UNet calls find their graphs
+    ready. The decoder is not frozen: it runs once a picture, and inductor caches only graphs that are not frozen."""
     with freezing(model.device):
-        generate(model, request)
+        predict_noise(model, prepare(model, request).samples)
+    generate(model, request)

@@ -6,7 +6,7 @@ beyond float rounding (tests/test_kernels.py holds them to 1/255).
   contiguous: a convolution with an NHWC weight returns NHWC, so the first one converts them.
 - `fuse_qkv` concatenates each self-attention's query, key and value projections into one matrix (key and value
   for cross-attention): one bigger matmul instead of three small ones. diffusers keeps the separate projections
-  beside the fused one (in fp16 about 110 MiB for SD 1.5's UNet, 1.2 GiB for SDXL's); here they become views of
+  beside the fused one (in fp16 107 MiB for SD 1.5's UNet, measured; about 1.2 GiB for SDXL's); here they are views of
   the fused matrix's rows, so fusing costs no memory and the separate ones still work for whatever calls them.
 
 `None` is "auto": on for CUDA, where both are known to help, and off elsewhere: on a CPU neither gained beyond noise

@@ -17,6 +17,14 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The files that hold slow tests first. Each worker takes a whole file at a time, in this order (pyproject turns
+    off xdist's own, by number of tests, which put these few-test files last), and a worker that took a slow file
+    near the end would hold up the run while the other idles."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)  # stable: the rest keep their order
+
+
 @pytest.fixture(scope="session")
 def tiny() -> Model:
     return load_model("tiny")
