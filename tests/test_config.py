@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 import sdengine
 from bot import config
 from bot.config import SCHEDULERS, ConfigError, Settings, load_settings
+from bot.preflight import model_spec
 from sdengine import request as engine
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.toml"
@@ -93,6 +94,9 @@ def test_every_key_is_read(tmp_path: Path) -> None:
     assert (settings.model.path, settings.model.device, settings.model.dtype) == ("tiny", "cuda:1", "bf16")
     assert settings.model.memory == "low" and settings.model.compile is True and settings.model.cuda_graphs is False
     assert (settings.model.channels_last, settings.model.fuse_qkv) == (True, False)
+    # ...and each reaches the engine's load arguments, which preflight builds positionally
+    spec = model_spec(settings, settings.model)
+    assert (spec.compile, spec.cuda_graphs, spec.channels_last, spec.fuse_qkv) == (True, False, True, False)
     assert settings.storage.database == Path("data/bot.sqlite3")
     assert settings.defaults.steps == 30
     assert settings.defaults.guidance == 5.0 and isinstance(settings.defaults.guidance, float)
